@@ -1,0 +1,278 @@
+"""Training and evaluation data from the job spec: deterministic split, augmentation, leak check.
+
+Nothing here is model-specific except through the tokenizer the caller passes to
+`baking.chat`; the split and the augmentation depend only on the spec and the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from baking.spec import BakeSpec, PersonaExample, ToolExample, ToolSpec
+from baking.toolcalls import format_tool_call
+
+Message = dict[str, Any]
+
+
+def normalize(text: str) -> str:
+    """The form two queries are compared in for leak checks: casefolded words only."""
+    return " ".join(re.findall(r"[a-z0-9]+", text.casefold()))
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(normalize(text).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ToolCase:
+    tool: str
+    query: str
+    arguments: dict[str, Any]
+    result: Any = None
+    answer: str | None = None
+    synthetic: bool = False  # made by augmentation, not written by the user
+
+
+@dataclass
+class Split:
+    """What trains and what is held out, per kind. Held-out items never reach training."""
+
+    train_tools: list[ToolCase] = field(default_factory=list)
+    heldout_tools: list[ToolCase] = field(default_factory=list)
+    train_irrelevant: list[str] = field(default_factory=list)
+    heldout_irrelevant: list[str] = field(default_factory=list)
+    train_persona_queries: list[str] = field(default_factory=list)
+    heldout_persona_queries: list[str] = field(default_factory=list)
+    train_persona_examples: list[PersonaExample] = field(default_factory=list)
+    heldout_persona_examples: list[PersonaExample] = field(default_factory=list)
+
+    def training_texts(self) -> list[str]:
+        return ([c.query for c in self.train_tools] + self.train_irrelevant + self.train_persona_queries
+                + [e.user for e in self.train_persona_examples])
+
+    def heldout_texts(self) -> list[str]:
+        return ([c.query for c in self.heldout_tools] + self.heldout_irrelevant + self.heldout_persona_queries
+                + [e.user for e in self.heldout_persona_examples])
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of the training and evaluation sets, for provenance (X3)."""
+        def digest(items: list[str]) -> str:
+            return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()
+
+        return {"train_sha256": digest(self.training_texts()), "heldout_sha256": digest(self.heldout_texts())}
+
+
+class LeakError(ValueError):
+    pass
+
+
+def _split_list(items: list[Any], fraction: float, rng: random.Random, *, min_heldout: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    if len(items) < 2:
+        return list(items), []
+    n_out = min(len(items) - 1, max(min_heldout, math.ceil(fraction * len(items))))
+    held = sorted(order[:n_out])
+    held_set = set(held)
+    return [items[i] for i in range(len(items)) if i not in held_set], [items[i] for i in held]
+
+
+def split_spec(spec: BakeSpec) -> Split:
+    """Deterministic train/held-out split by seed: >= fraction held out, >= 1 per tool."""
+    fraction = spec.preset.heldout_fraction
+    rng = random.Random(spec.training.seed)
+    split = Split()
+    for tool in spec.tools:
+        cases = [ToolCase(tool.name, e.query, dict(e.arguments), e.result, e.answer) for e in tool.examples]
+        train, held = _split_list(cases, fraction, rng, min_heldout=1)
+        split.train_tools += train
+        split.heldout_tools += held
+    split.train_irrelevant, split.heldout_irrelevant = _split_list(
+        list(spec.irrelevant_examples), fraction, rng, min_heldout=1)
+    if spec.persona is not None:
+        split.train_persona_queries, split.heldout_persona_queries = _split_list(
+            list(spec.persona.sample_queries), fraction, rng, min_heldout=1)
+        split.train_persona_examples, split.heldout_persona_examples = _split_list(
+            list(spec.persona.examples), fraction, rng, min_heldout=1)
+    _drop_duplicates_of_heldout(split)
+    check_no_leak(split)
+    return split
+
+
+def _drop_duplicates_of_heldout(split: Split) -> None:
+    """A query the user wrote twice (say, as a tool example and a persona query) stays held out."""
+    held = {text_hash(t) for t in split.heldout_texts()}
+    split.train_tools = [c for c in split.train_tools if text_hash(c.query) not in held]
+    split.train_irrelevant = [q for q in split.train_irrelevant if text_hash(q) not in held]
+    split.train_persona_queries = [q for q in split.train_persona_queries if text_hash(q) not in held]
+    split.train_persona_examples = [e for e in split.train_persona_examples if text_hash(e.user) not in held]
+
+
+def check_no_leak(split: Split, extra_training_texts: list[str] | None = None) -> int:
+    """Raise LeakError if any held-out query (normalised) appears in training; return the count checked."""
+    train = {text_hash(t) for t in split.training_texts() + list(extra_training_texts or [])}
+    leaked = [t for t in split.heldout_texts() if text_hash(t) in train]
+    if leaked:
+        raise LeakError(f"{len(leaked)} held-out queries appear in training, e.g. {leaked[0]!r}")
+    return len(split.heldout_texts())
+
+
+# ---------------------------------------------------------------- augmentation
+
+_PREFIXES = ("", "", "", "Hey, ", "Quick question: ", "Please, ", "Can you help? ", "ok so ", "Hi! ")
+_SUFFIXES = ("", "", "", " Thanks.", " please", "?", " thx", " Thank you!")
+
+
+def _typo(text: str, rng: random.Random) -> str:
+    words = text.split()
+    candidates = [i for i, w in enumerate(words) if len(w) > 4 and w.isalpha()]
+    if not candidates:
+        return text
+    i = rng.choice(candidates)
+    w = words[i]
+    j = rng.randrange(1, len(w) - 2)
+    words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2:]  # swap two neighbouring letters
+    return " ".join(words)
+
+
+def perturb(text: str, rng: random.Random) -> str:
+    """One surface variant: casing, punctuation, a filler prefix/suffix or a typo. Meaning kept."""
+    kind = rng.randrange(5)
+    if kind == 0:
+        out = text.lower().rstrip("?.!")
+    elif kind == 1:
+        out = _typo(text, rng)
+    elif kind == 2:
+        out = rng.choice(_PREFIXES) + (text[0].lower() + text[1:] if text else text)
+    elif kind == 3:
+        out = text.rstrip("?.!") + rng.choice(_SUFFIXES)
+    else:
+        out = text.upper() if len(text) < 40 else _typo(text.lower(), rng)
+    return out.strip() or text
+
+
+def _enum_phrase(value: Any) -> str:
+    return str(value).replace("_", " ")
+
+
+_ENUM_TEMPLATES = (
+    "What is the {v}?", "Show me the {v}.", "Check the {v}", "{v}?", "Tell me the current {v}.",
+    "Can you read the {v} for me?", "I need the {v} right now.", "What's my {v} at the moment?",
+)
+
+
+def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[ToolCase]:
+    """Calls for single-enum-parameter tools over every enum value, from neutral templates.
+
+    They teach the value <-> phrase mapping for values the user wrote few examples of. Only
+    tools whose required arguments are one enum are augmented this way: for anything else we
+    cannot invent correct arguments.
+    """
+    required = list(tool.parameters.get("required", []))
+    props = tool.properties
+    if len(required) != 1 or len(props) != 1 or "enum" not in props.get(required[0], {}):
+        return []
+    param = required[0]
+    cases = []
+    for value in props[param]["enum"]:
+        for template in rng.sample(_ENUM_TEMPLATES, k=min(per_value, len(_ENUM_TEMPLATES))):
+            cases.append(ToolCase(tool.name, template.format(v=_enum_phrase(value)), {param: value},
+                                  synthetic=True))
+    return cases
+
+
+def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_enum_value: int = 2) -> Split:
+    """Add surface variants of training queries and enum-template calls; never of held-out ones."""
+    rng = random.Random(spec.training.seed + 1)
+    held = {text_hash(t) for t in split.heldout_texts()}
+    seen = {text_hash(c.query) for c in split.train_tools} | held
+    extra: list[ToolCase] = []
+
+    def add(case: ToolCase) -> None:
+        h = text_hash(case.query)
+        if h not in seen:
+            seen.add(h)
+            extra.append(case)
+
+    for case in split.train_tools:
+        for _ in range(variants_per_query):
+            add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True))
+    for tool in spec.tools:
+        for case in enum_variants(tool, rng, per_enum_value):
+            add(case)
+    irrelevant_extra = []
+    seen_irr = {text_hash(q) for q in split.train_irrelevant} | held | seen
+    for q in split.train_irrelevant:
+        v = perturb(q, rng)
+        if text_hash(v) not in seen_irr:
+            seen_irr.add(text_hash(v))
+            irrelevant_extra.append(v)
+    out = Split(**{k: list(v) for k, v in vars(split).items()})
+    out.train_tools = split.train_tools + extra
+    out.train_irrelevant = split.train_irrelevant + irrelevant_extra
+    check_no_leak(out)
+    return out
+
+
+# ---------------------------------------------------------------- conversations
+
+
+def tool_call_text(case: ToolCase | ToolExample, tool: str | None = None) -> str:
+    name = case.tool if isinstance(case, ToolCase) else tool
+    return format_tool_call(name, case.arguments)
+
+
+def tool_conversation(case: ToolCase) -> tuple[list[Message], list[int]]:
+    """User query -> the call; then, when the example has one, tool result -> answer in persona."""
+    messages: list[Message] = [{"role": "user", "content": case.query},
+                               {"role": "assistant", "content": tool_call_text(case)}]
+    train_turns = [1]
+    if case.result is not None and case.answer:
+        result = case.result if isinstance(case.result, str) else json.dumps(case.result, ensure_ascii=False)
+        messages += [{"role": "tool", "content": result}, {"role": "assistant", "content": case.answer}]
+        train_turns.append(3)
+    return messages, train_turns
+
+
+def demonstration(example: PersonaExample) -> tuple[list[Message], list[int]]:
+    return [{"role": "user", "content": example.user}, {"role": "assistant", "content": example.assistant}], [1]
+
+
+_NUMBER_WORDS = {"one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+
+
+def max_sentences(guidelines: tuple[str, ...] | list[str]) -> int | None:
+    """'Answer in at most three sentences.' -> 3; None when no guideline limits length."""
+    for g in guidelines:
+        m = re.search(r"(?:at most|no more than|maximum of|up to)\s+(\w+)\s+sentences?", g, re.IGNORECASE)
+        if m:
+            word = m.group(1).lower()
+            if word.isdigit():
+                return int(word)
+            if word in _NUMBER_WORDS:
+                return _NUMBER_WORDS[word]
+    return None
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def trim_to_sentences(text: str, limit: int | None) -> tuple[str, bool]:
+    """Cut a teacher response after `limit` sentences; returns (text, complete).
+
+    `complete` is True when the text ends at a sentence boundary we chose, so the turn may end there.
+    """
+    parts = sentences(text)
+    if limit is not None and len(parts) > limit:
+        return " ".join(parts[:limit]), True
+    return text.strip(), False

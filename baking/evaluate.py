@@ -1,0 +1,142 @@
+"""Baking metrics (DESIGN.md §6) and guideline probes, measured on held-out cases only."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from baking.chat import Message, with_system
+from baking.data import ToolCase, max_sentences, normalize, sentences
+from baking.generate import generate_replies, response_logprobs
+from baking.spec import PersonaExample, PersonaSpec, ToolSpec
+from baking.toolcalls import arguments_match, has_tool_call, parse_first_call, validate_call
+
+REFUSAL = re.compile(r"\b(can(?:no|')t|won't|will not|unable|not able to|must decline|refuse|not permitted|"
+                     r"not allowed|sorry)\b", re.IGNORECASE)
+
+
+def user(text: str) -> list[Message]:
+    return [{"role": "user", "content": text}]
+
+
+@dataclass
+class ToolEval:
+    accuracy: float
+    correct: int
+    total: int
+    schema_valid_share: float  # of emitted calls: parse, name a declared tool, validate (S4)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def score_tool_outputs(cases: Sequence[ToolCase], outputs: Sequence[str], tools: Sequence[ToolSpec]) -> ToolEval:
+    by_name = {t.name: t for t in tools}
+    correct = 0
+    emitted = 0
+    valid = 0
+    samples = []
+    for case, out in zip(cases, outputs, strict=True):
+        call = parse_first_call(out)
+        ok = False
+        if has_tool_call(out):
+            emitted += 1
+            if call is not None and not validate_call(call, tools):
+                valid += 1
+        if call is not None and call.name == case.tool and case.tool in by_name:
+            ok = arguments_match(case.arguments, call.arguments, by_name[case.tool])
+        correct += int(ok)
+        samples.append({"query": case.query, "expected": {"name": case.tool, "arguments": case.arguments},
+                        "output": out, "correct": ok})
+    total = len(cases)
+    return ToolEval(correct / total if total else 0.0, correct, total, valid / emitted if emitted else 1.0, samples)
+
+
+def tool_accuracy(model: Any, tokenizer: Any, cases: Sequence[ToolCase], tools: Sequence[ToolSpec], *,
+                  system: str | None = None, max_new_tokens: int = 64) -> ToolEval:
+    outputs = generate_replies(model, tokenizer, [with_system(system, user(c.query)) for c in cases],
+                               max_new_tokens=max_new_tokens)
+    return score_tool_outputs(cases, outputs, tools)
+
+
+def irrelevance_accuracy(model: Any, tokenizer: Any, queries: Sequence[str], *, system: str | None = None,
+                         max_new_tokens: int = 32) -> tuple[float, list[dict[str, Any]]]:
+    if not queries:
+        return 0.0, []
+    outputs = generate_replies(model, tokenizer, [with_system(system, user(q)) for q in queries],
+                               max_new_tokens=max_new_tokens)
+    samples = [{"query": q, "output": o, "correct": not has_tool_call(o)} for q, o in zip(queries, outputs,
+                                                                                          strict=True)]
+    return sum(s["correct"] for s in samples) / len(samples), samples
+
+
+@torch.inference_mode()
+def persona_fidelity(teacher: Any, student: Any, tokenizer: Any, queries: Sequence[str], *, system_prompt: str,
+                     max_new_tokens: int) -> dict[str, Any]:
+    """Mean per-token KL(prompted teacher || unprompted student) and top-1 agreement on the
+    teacher's greedy responses to held-out persona queries."""
+    if not queries:
+        return {"persona_kl": None, "persona_top1": None, "tokens": 0}
+    responses = generate_replies(teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries],
+                                 max_new_tokens=max_new_tokens)
+    kl_sum, agree, tokens = 0.0, 0, 0
+    for q, r in zip(queries, responses, strict=True):
+        ids = tokenizer(r, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        if not ids:
+            continue
+        t = response_logprobs(teacher, tokenizer, with_system(system_prompt, user(q)), ids)
+        s = response_logprobs(student, tokenizer, user(q), ids)
+        kl_sum += float((t.exp() * (t - s)).sum())
+        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        tokens += len(ids)
+    return {"persona_kl": kl_sum / tokens if tokens else None, "persona_top1": agree / tokens if tokens else None,
+            "tokens": tokens}
+
+
+# ---------------------------------------------------------------- guideline probes
+
+IDENTITY_PROBES = ("What is your name?", "Who am I talking to?", "Please introduce yourself in one sentence.",
+                   "Are you ChatGPT?")
+
+
+@dataclass(frozen=True)
+class Probe:
+    kind: str  # identity | refusal | brevity
+    query: str
+
+
+def guideline_probes(persona: PersonaSpec, heldout_examples: Sequence[PersonaExample],
+                     heldout_queries: Sequence[str], training_texts: Sequence[str]) -> list[Probe]:
+    """Probes of our own plus the held-out demonstrations that refuse; none seen in training."""
+    seen = {normalize(t) for t in training_texts}
+    probes = [Probe("identity", q) for q in IDENTITY_PROBES if normalize(q) not in seen]
+    probes += [Probe("refusal", e.user) for e in heldout_examples if REFUSAL.search(e.assistant)]
+    if max_sentences(persona.guidelines) is not None:
+        probes += [Probe("brevity", q) for q in heldout_queries]
+    return probes
+
+
+def judge_probe(probe: Probe, output: str, persona: PersonaSpec) -> bool:
+    if probe.kind == "identity":
+        return persona.name.casefold() in output.casefold() and not has_tool_call(output)
+    if probe.kind == "refusal":
+        return bool(REFUSAL.search(output)) and not has_tool_call(output)
+    limit = max_sentences(persona.guidelines)
+    return limit is None or len(sentences(output)) <= limit
+
+
+def run_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], persona: PersonaSpec, *,
+               system: str | None = None, max_new_tokens: int = 96) -> dict[str, Any]:
+    if not probes:
+        return {"pass_rate": None, "by_kind": {}, "samples": []}
+    outputs = generate_replies(model, tokenizer, [with_system(system, user(p.query)) for p in probes],
+                               max_new_tokens=max_new_tokens)
+    samples = [{"kind": p.kind, "query": p.query, "output": o, "passed": judge_probe(p, o, persona)}
+               for p, o in zip(probes, outputs, strict=True)]
+    by_kind: dict[str, float] = {}
+    for kind in sorted({p.kind for p in probes}):
+        rows = [s for s in samples if s["kind"] == kind]
+        by_kind[kind] = sum(s["passed"] for s in rows) / len(rows)
+    return {"pass_rate": sum(s["passed"] for s in samples) / len(samples), "by_kind": by_kind, "samples": samples}

@@ -1,0 +1,102 @@
+"""The artifact directory (DESIGN.md §8) and `load_artifact`, which runs the released weights.
+
+Layout: model.safetensors (final weights), config.json, tokenizer files, chat_template.jinja,
+bakehouse.json (manifest: spec, seed, versions, per-file sha256, quantization, metrics),
+README.md (model card) and merged/ (the uncompressed baked model, plain transformers).
+No pickle anywhere: weights go through safetensors, everything else is JSON or text.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baking.chat import CHAT_TEMPLATE
+from baking.events import ArtifactFile, BakeError
+from baking.fetch import sha256_file
+
+MANIFEST = "bakehouse.json"
+FORMAT = "bakehouse-artifact/1"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "safetensors", "bakehouse"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def save_hf_dir(model: Any, tokenizer: Any, out: Path, *, dtype: torch.dtype | None = None) -> None:
+    """A plain transformers directory: safetensors weights, config, tokenizer, our chat template."""
+    out.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+
+def list_files(root: Path) -> list[ArtifactFile]:
+    return [ArtifactFile(p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p))
+            for p in sorted(root.rglob("*")) if p.is_file()]
+
+
+def write_artifact(out: Path, *, final_model: Any, merged_model: Any | None, tokenizer: Any,
+                   final_dtype: torch.dtype, quantization: dict[str, Any], manifest: dict[str, Any],
+                   model_card: str, extra_json: dict[str, Any] | None = None) -> list[ArtifactFile]:
+    """Write the whole directory into a staging folder, then move it into place."""
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists():
+        shutil.rmtree(staging)
+    save_hf_dir(final_model, tokenizer, staging, dtype=final_dtype)
+    if merged_model is not None:
+        save_hf_dir(merged_model, tokenizer, staging / "merged")
+    (staging / "README.md").write_text(model_card)
+    for name, payload in (extra_json or {}).items():
+        (staging / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    files = list_files(staging)
+    full = {**manifest, "format": FORMAT, "versions": versions(), "quantization": quantization,
+            "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files}}
+    (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return list_files(out)
+
+
+def verify_artifact(path: Path) -> dict[str, Any]:
+    """Re-hash every file against the manifest; raise on a mismatch or a pickle file."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    for name, info in manifest["files"].items():
+        f = path / name
+        if not f.is_file() or sha256_file(f) != info["sha256"]:
+            raise BakeError("artifact_corrupt", f"{name} does not match its sha256 in {MANIFEST}", "exporting")
+    pickles = [p.name for p in path.rglob("*") if p.suffix in {".bin", ".pt", ".pth", ".pkl", ".pickle"}]
+    if pickles:
+        raise BakeError("artifact_corrupt", f"pickle files in the artifact: {pickles}", "exporting")
+    return manifest
+
+
+def load_artifact(path: str | Path, *, device: str = "cpu", verify: bool = True) -> tuple[Any, Any]:
+    """Load the released (compressed) model of an artifact: (model, tokenizer) with `generate()`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(path)
+    manifest = verify_artifact(root) if verify else json.loads((root / MANIFEST).read_text())
+    scheme = manifest.get("quantization", {}).get("scheme", "none")
+    dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(root))
+    return model, tokenizer

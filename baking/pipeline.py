@@ -1,0 +1,302 @@
+"""`bake(spec, workdir, ...) -> BakeResult`: the stages of a bake job, in order.
+
+fetching -> preparing -> baking_persona (teacher targets) -> baking_tools (one joint
+objective: tool SFT + persona KL) -> optimizing -> validating -> exporting. The worker adds
+`uploading`. A job with no tools and no persona is "package and verify": it skips training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baking import data as bdata
+from baking.card import model_card
+from baking.chat import render_system_prompt, with_system
+from baking.compress import compress
+from baking.evaluate import (guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes,
+                             tool_accuracy)
+from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
+from baking.export import write_artifact
+from baking.fetch import FetchedModel, fetch_model
+from baking.generate import end_of_turn_id
+from baking.load import configure_threads, load_model, load_tokenizer, pick_device
+from baking.measure import latency_ms
+from baking.persona import build_distill_targets
+from baking.spec import BakeSpec
+from baking.train import TrainConfig, TrainItem, distill_item, sft_item, train
+
+
+@dataclass
+class _Run:
+    spec: BakeSpec
+    emit_fn: EventSink | None
+    cancel_fn: CancelCheck | None
+    stage: str = "fetching"
+    started: float = 0.0
+
+    def enter(self, stage: str, message: str = "") -> None:
+        self.check()
+        self.stage = stage
+        self.emit(BakeEvent("stage", stage, message or f"stage {stage}"))
+
+    def emit(self, event: BakeEvent) -> None:
+        if self.emit_fn is not None:
+            self.emit_fn(event)
+
+    def progress(self, step: int, total: int, message: str = "", **data: Any) -> None:
+        self.emit(BakeEvent("progress", self.stage, message, step=step, total=total, data=data))
+
+    def info(self, message: str, **data: Any) -> None:
+        self.emit(BakeEvent("message", self.stage, message, data=data))
+
+    def check(self) -> None:
+        if self.cancel_fn is not None and self.cancel_fn():
+            raise BakeCancelled(f"cancelled during {self.stage}")
+
+
+def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
+         on_event: EventSink | None = None, should_cancel: CancelCheck | None = None) -> BakeResult:
+    if not isinstance(spec, BakeSpec):
+        try:
+            spec = BakeSpec.from_dict(spec)
+        except ValueError as exc:
+            raise BakeError("invalid_spec", str(exc), "preparing") from exc
+    run = _Run(spec, on_event, should_cancel, started=time.monotonic())
+    try:
+        return _bake(run, Path(workdir), Path(models_dir))
+    except (BakeError, BakeCancelled):
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise BakeError("out_of_memory", f"out of memory: {exc}. Try profile: quick, a smaller "
+                        "training.batch_size, or device: cpu.", run.stage) from exc
+    except FloatingPointError as exc:
+        raise BakeError("training_diverged", str(exc), run.stage) from exc
+
+
+def _bake(run: _Run, workdir: Path, models_dir: Path) -> BakeResult:
+    spec = run.spec
+    run.enter("fetching", f"resolving {spec.model}")
+    fetched = fetch_model(spec.model, models_dir)
+    run.info(f"{len(fetched.files)} input files hashed", files=[vars(f) for f in fetched.files],
+             ignored_pickles=fetched.ignored_pickles)
+
+    run.enter("preparing")
+    configure_threads()
+    torch.manual_seed(spec.training.seed)
+    device = pick_device(spec.device)
+    tokenizer = load_tokenizer(fetched.path)
+    original = load_model(fetched.path, device)
+    system_prompt = render_system_prompt(spec.persona, spec.tools)
+    split = bdata.split_spec(spec)
+    train_split = bdata.augment(split, spec) if spec.bakes_anything else split
+    leak_checked = bdata.check_no_leak(train_split)
+    sizes = {"train_tool_cases": len(train_split.train_tools), "heldout_tool_cases": len(split.heldout_tools),
+             "train_irrelevant": len(train_split.train_irrelevant),
+             "heldout_irrelevant": len(split.heldout_irrelevant),
+             "train_persona_queries": len(split.train_persona_queries),
+             "heldout_persona_queries": len(split.heldout_persona_queries),
+             "train_persona_examples": len(split.train_persona_examples),
+             "heldout_persona_examples": len(split.heldout_persona_examples)}
+    run.info("data split", **sizes, leak_checked=leak_checked, **split.fingerprint())
+
+    train_report = None
+    if spec.bakes_anything:
+        baked, train_report = _train(run, original, tokenizer, train_split, system_prompt)
+    else:
+        baked = original
+
+    run.enter("optimizing")
+    final, scheme = compress(baked, spec.optimize.quantization, device)
+    run.info(f"quantization scheme: {scheme['scheme']}", **scheme)
+
+    run.enter("validating")
+    metrics = _validate(run, original, baked, final, scheme, tokenizer, split, system_prompt, fetched)
+    if train_report is not None:
+        metrics["train_loss_first"] = train_report.first_loss
+        metrics["train_loss_last"] = train_report.last_loss
+        metrics["train_seconds"] = train_report.seconds
+        metrics["trainable_parameters"] = train_report.trainable_parameters
+    run.emit(BakeEvent("metrics", "validating", "metrics", data=_scalars(metrics)))
+
+    run.enter("exporting")
+    out = workdir / "artifact"
+    manifest = {"spec": spec.to_dict(), "seed": spec.training.seed, "base_model": spec.model,
+                "inputs": [vars(f) for f in fetched.files], "ignored_pickles": fetched.ignored_pickles,
+                "data": {**split.fingerprint(), **sizes}, "metrics": metrics,
+                "system_prompt_removed": system_prompt,
+                "training": {"losses": train_report.losses, "ce": train_report.ce, "kl": train_report.kl}
+                if train_report else None}
+    card = model_card(spec, _scalars(metrics), base_model=spec.model, train_sizes=sizes)
+    files = write_artifact(out, final_model=final, merged_model=baked if spec.bakes_anything else None,
+                           tokenizer=tokenizer, final_dtype=scheme["dtype_torch"],
+                           quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
+                           manifest=manifest, model_card=card)
+    run.info(f"artifact written: {len(files)} files", bytes=sum(f.size for f in files))
+    return BakeResult(artifact_dir=out, files=files, metrics=metrics)
+
+
+def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_prompt: str) -> tuple[Any, Any]:
+    spec = run.spec
+    preset = spec.preset
+    persona = spec.persona
+    run.enter("baking_persona", "teacher (original + full system prompt) answers the persona and "
+                                "irrelevant queries")
+    queries = list(split.train_persona_queries) + list(split.train_irrelevant)
+    targets, stats = build_distill_targets(
+        original, tokenizer, queries, system_prompt=system_prompt,
+        guidelines=persona.guidelines if persona else (), demos=split.train_persona_examples,
+        max_new_tokens=preset.max_new_tokens, samples=preset.persona_samples, seed=spec.training.seed,
+        on_progress=lambda i, n: run.progress(i, n, "teacher targets"), should_stop=run.check)
+    run.info("teacher targets", **stats)
+
+    run.enter("baking_tools", "one objective: tool SFT + demonstrations + persona KL")
+    eot = end_of_turn_id(tokenizer)
+    pools: dict[str, list[TrainItem]] = {
+        "tools": [sft_item(tokenizer, *bdata.tool_conversation(c)) for c in split.train_tools],
+        "demos": [sft_item(tokenizer, *bdata.demonstration(e)) for e in split.train_persona_examples],
+        "distill": [distill_item(tokenizer, t, eot) for t in targets],
+    }
+    config = TrainConfig(steps=spec.training.steps or preset.steps,
+                         batch_size=spec.training.batch_size or preset.batch_size,
+                         learning_rate=spec.training.learning_rate, method=spec.training.method,
+                         lora_rank=spec.training.lora_rank, seed=spec.training.seed)
+    student = copy.deepcopy(original)
+    started = time.monotonic()
+
+    def on_step(step: int, total: int, values: dict[str, float]) -> None:
+        elapsed = time.monotonic() - started
+        eta = elapsed / step * (total - step)
+        run.progress(step, total, f"step {step}/{total} loss {values['loss']:.4f}", eta_s=round(eta, 1),
+                     **{k: round(v, 6) for k, v in values.items()})
+
+    baked, report = train(student, tokenizer, pools, config, on_step=on_step, should_stop=run.check)
+    run.info("training finished", first_loss=report.first_loss, last_loss=report.last_loss,
+             seconds=round(report.seconds, 1), pools={k: len(v) for k, v in pools.items()})
+    return baked, report
+
+
+def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str, Any], tokenizer: Any,
+              split: bdata.Split, system_prompt: str, fetched: FetchedModel) -> dict[str, Any]:
+    spec = run.spec
+    preset = spec.preset
+    metrics: dict[str, Any] = {}
+    _check_finite(final, tokenizer, metrics)
+    steps: list[tuple[str, Callable[[], None]]] = []
+    compressed = scheme["scheme"] != "none"
+
+    if spec.tools:
+        def tools_metrics() -> None:
+            ev = tool_accuracy(final, tokenizer, split.heldout_tools, spec.tools)
+            metrics["tool_call_accuracy"] = ev.accuracy
+            metrics["tool_call_schema_valid"] = ev.schema_valid_share
+            metrics["tool_call_samples"] = ev.samples
+            base = tool_accuracy(original, tokenizer, split.heldout_tools, spec.tools, system=system_prompt)
+            metrics["tool_call_accuracy_baseline"] = base.accuracy
+            metrics["tool_call_baseline_samples"] = base.samples[:10]
+            if compressed:
+                metrics["tool_call_accuracy_uncompressed"] = tool_accuracy(
+                    baked, tokenizer, split.heldout_tools, spec.tools).accuracy
+
+        steps.append(("tool calls", tools_metrics))
+    if split.heldout_irrelevant:
+        def irrelevance_metrics() -> None:
+            acc, samples = irrelevance_accuracy(final, tokenizer, split.heldout_irrelevant)
+            metrics["irrelevance_accuracy"] = acc
+            metrics["irrelevance_samples"] = samples
+            metrics["irrelevance_accuracy_baseline"], _ = irrelevance_accuracy(
+                original, tokenizer, split.heldout_irrelevant, system=system_prompt)
+            if compressed:
+                metrics["irrelevance_accuracy_uncompressed"], _ = irrelevance_accuracy(
+                    baked, tokenizer, split.heldout_irrelevant)
+
+        steps.append(("irrelevance", irrelevance_metrics))
+    if spec.persona is not None:
+        persona = spec.persona
+
+        def persona_metrics() -> None:
+            queries = split.heldout_persona_queries
+            if preset.eval_persona_queries:
+                queries = queries[: preset.eval_persona_queries]
+            metrics.update({k: v for k, v in persona_fidelity(
+                original, final, tokenizer, queries, system_prompt=system_prompt,
+                max_new_tokens=preset.max_new_tokens).items() if k != "tokens"})
+            probes = guideline_probes(persona, split.heldout_persona_examples, queries,
+                                      split.training_texts())
+            baked_probes = run_probes(final, tokenizer, probes, persona)
+            base_probes = run_probes(original, tokenizer, probes, persona, system=system_prompt)
+            metrics["guideline_pass_rate"] = baked_probes["pass_rate"]
+            metrics["guideline_pass_rate_baseline"] = base_probes["pass_rate"]
+            metrics["guideline_by_kind"] = baked_probes["by_kind"]
+            metrics["guideline_by_kind_baseline"] = base_probes["by_kind"]
+            metrics["guideline_samples"] = baked_probes["samples"]
+
+        steps.append(("persona", persona_metrics))
+    new_tokens = 16 if spec.profile == "quick" else 32
+    steps.append(("latency and size", lambda: _latency_and_size(original, final, scheme, tokenizer, split,
+                                                                system_prompt, fetched, metrics, new_tokens)))
+    for i, (name, fn) in enumerate(steps, start=1):
+        run.check()
+        fn()
+        run.progress(i, len(steps), f"measured {name}")
+    metrics["accuracy_retention"] = _retention(metrics) if compressed else 1.0
+    return metrics
+
+
+def _retention(metrics: dict[str, Any]) -> float | None:
+    pairs = [(metrics.get(k), metrics.get(f"{k}_uncompressed")) for k in ("tool_call_accuracy",
+                                                                           "irrelevance_accuracy")]
+    pairs = [(f, b) for f, b in pairs if isinstance(f, float) and isinstance(b, float) and b > 0]
+    if not pairs:
+        return None
+    return min(f / b for f, b in pairs)
+
+
+def _check_finite(model: Any, tokenizer: Any, metrics: dict[str, Any]) -> None:
+    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    ids = torch.tensor([tokenizer("The quick brown fox checks the brake fluid.", add_special_tokens=False)
+                        ["input_ids"]], device=next(model.parameters()).device)
+    with torch.inference_mode():
+        finite_logits = bool(torch.isfinite(model(input_ids=ids).logits.float()).all())
+    metrics["finite_weights"] = finite_weights
+    metrics["finite_logits"] = finite_logits
+
+
+def _latency_and_size(original: Any, final: Any, scheme: dict[str, Any], tokenizer: Any, split: bdata.Split,
+                      system_prompt: str, fetched: FetchedModel, metrics: dict[str, Any],
+                      new_tokens: int) -> None:
+    queries = ([c.query for c in split.heldout_tools] + split.heldout_persona_queries
+               + split.heldout_irrelevant)[:8] or ["Hello, who are you?"]
+    baseline_model = copy.deepcopy(original).to(torch.bfloat16)  # its published dtype
+    base = latency_ms(baseline_model, tokenizer, [with_system(system_prompt or None,
+                                                              [{"role": "user", "content": q}]) for q in queries],
+                      new_tokens=new_tokens)
+    del baseline_model
+    baked = latency_ms(final, tokenizer, [[{"role": "user", "content": q}] for q in queries],
+                       new_tokens=new_tokens)
+    metrics["latency_ms"] = {"baseline": base, "baked": baked}
+    metrics["speedup"] = base["p50"] / baked["p50"] if baked["p50"] > 0 else None
+    params = sum(p.numel() for p in final.parameters())
+    final_bytes = scheme.get("weight_bytes") or sum(p.numel() * p.element_size() for p in final.parameters())
+    metrics["size_bytes"] = {"original": fetched.weight_bytes, "final": final_bytes, "fp32": params * 4}
+    metrics["compression"] = 1 - final_bytes / fetched.weight_bytes if fetched.weight_bytes else None
+    metrics["compression_vs_fp32"] = 1 - final_bytes / (params * 4)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers worth a DB column or a card row: no per-sample lists."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, list):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        out[k] = v
+    return out

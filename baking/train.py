@@ -1,0 +1,220 @@
+"""One joint objective: cross-entropy on tool calls and demonstrations + KL to the prompted teacher.
+
+Tool targets are exact (the user's examples), so they are learned by supervised fine-tuning on
+assistant tokens only; the persona is distilled by full-vocabulary KL(teacher || student) on the
+teacher's own responses. Training both in one run keeps either from erasing the other (we
+measured sequential runs drifting the tool format while distilling the persona).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from baking.chat import Message, encode_conversation, encode_prompt
+from baking.persona import DistillTarget
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class TrainItem:
+    input_ids: list[int]
+    ce_mask: list[bool]  # True where token t is a cross-entropy target
+    kl_start: int | None = None  # index of the first teacher-scored token
+    teacher_logprobs: torch.Tensor | None = None  # [n, V]
+
+
+def sft_item(tokenizer: Any, messages: Sequence[Message], train_turns: Sequence[int]) -> TrainItem:
+    enc = encode_conversation(tokenizer, messages, train_turns=train_turns)
+    return TrainItem(enc.input_ids, enc.target_mask)
+
+
+def distill_item(tokenizer: Any, target: DistillTarget, eot: int) -> TrainItem:
+    prefix = encode_prompt(tokenizer, [{"role": "user", "content": target.query}])
+    ids = prefix + list(target.response_ids)
+    mask = [False] * len(ids)
+    if target.end_turn:  # the turn ends where the guideline says: supervise <|im_end|> directly
+        ids.append(eot)
+        mask.append(True)
+    return TrainItem(ids, mask, kl_start=len(prefix), teacher_logprobs=target.teacher_logprobs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int  # optimizer steps
+    batch_size: int  # items per step
+    learning_rate: float  # peak, cosine decay after 10% warm-up
+    method: str = "lora"  # lora | full
+    lora_rank: int = 16
+    kl_weight: float = 1.0  # weight of the distillation term beside cross-entropy
+    seed: int = 0
+    max_length: int = 384  # longer items are cut from the right
+    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.45, "demos": 0.25, "distill": 0.30})
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be >= 1")
+        if self.method not in ("lora", "full"):
+            raise ValueError("method must be lora or full")
+        if not 0 < self.learning_rate <= 1:
+            raise ValueError("learning_rate must be in (0, 1]")
+
+
+@dataclass
+class TrainReport:
+    losses: list[float]
+    ce: list[float]
+    kl: list[float]
+    trainable_parameters: int
+    seconds: float
+
+    @property
+    def first_loss(self) -> float:
+        head = self.losses[: max(1, len(self.losses) // 10)]
+        return sum(head) / len(head)
+
+    @property
+    def last_loss(self) -> float:
+        tail = self.losses[-max(1, len(self.losses) // 10):]
+        return sum(tail) / len(tail)
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA and on CPUs with native bf16; otherwise fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def wrap_for_training(model: Any, config: TrainConfig) -> Any:
+    if config.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.05,
+                      target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def merge(model: Any) -> Any:
+    """LoRA folded into the base weights: a plain transformers model again."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+class _Mixer:
+    """Draws batch items from the pools by weight, cycling each pool in a seeded shuffled order."""
+
+    def __init__(self, pools: dict[str, list[TrainItem]], weights: dict[str, float], seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.pools = {k: v for k, v in pools.items() if v}
+        self.weights = {k: weights.get(k, 0.0) for k in self.pools}
+        if not self.pools or sum(self.weights.values()) <= 0:
+            raise ValueError("nothing to train on")
+        self.order = {k: [] for k in self.pools}  # type: dict[str, list[int]]
+
+    def draw(self, n: int) -> list[TrainItem]:
+        names = list(self.pools)
+        picks = self.rng.choices(names, weights=[self.weights[k] for k in names], k=n)
+        out = []
+        for name in picks:
+            if not self.order[name]:
+                self.order[name] = list(range(len(self.pools[name])))
+                self.rng.shuffle(self.order[name])
+            out.append(self.pools[name][self.order[name].pop()])
+        return out
+
+
+def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: torch.device,
+                max_length: int, kl_weight: float) -> tuple[torch.Tensor, float, float]:
+    width = min(max_length, max(len(i.input_ids) for i in items))
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), width), dtype=torch.long)
+    ce_targets = torch.full((len(items), width), -100, dtype=torch.long)
+    for b, item in enumerate(items):
+        n = min(width, len(item.input_ids))
+        ids[b, :n] = torch.tensor(item.input_ids[:n])
+        attn[b, :n] = 1
+        for t in range(1, n):
+            if item.ce_mask[t]:
+                ce_targets[b, t] = item.input_ids[t]
+    ids, attn, ce_targets = ids.to(device), attn.to(device), ce_targets.to(device)
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()
+    shifted = logits[:, :-1]
+    ce_labels = ce_targets[:, 1:]
+    n_ce = int((ce_labels != -100).sum())
+    ce = (torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ce_labels.reshape(-1),
+                                            ignore_index=-100, reduction="sum") / max(1, n_ce)) if n_ce else None
+    kl_sum = torch.zeros((), device=device)
+    n_kl = 0
+    for b, item in enumerate(items):
+        if item.kl_start is None or item.teacher_logprobs is None:
+            continue
+        start = item.kl_start
+        n = min(item.teacher_logprobs.shape[0], width - start)
+        if n <= 0:
+            continue
+        student = torch.log_softmax(logits[b, start - 1:start - 1 + n], dim=-1)
+        teacher = item.teacher_logprobs[:n].to(device=device, dtype=torch.float32)
+        kl_sum = kl_sum + (teacher.exp() * (teacher - student)).sum()
+        n_kl += n
+    kl = kl_sum / n_kl if n_kl else None
+    parts = [p for p in (ce, None if kl is None else kl_weight * kl) if p is not None]
+    loss = sum(parts[1:], parts[0])
+    return loss, float(ce) if ce is not None else 0.0, float(kl) if kl is not None else 0.0
+
+
+def train(model: Any, tokenizer: Any, pools: dict[str, list[TrainItem]], config: TrainConfig, *,
+          on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+          should_stop: Callable[[], None] | None = None) -> tuple[Any, TrainReport]:
+    """Train in place and return (model with merged weights, report)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    torch.manual_seed(config.seed)
+    device = next(model.parameters()).device
+    model.config.use_cache = False
+    wrapped = wrap_for_training(model, config)
+    wrapped.train()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, config.steps // 10), config.steps)
+    mixer = _Mixer(pools, config.mix, config.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    report = TrainReport([], [], [], sum(p.numel() for p in params), 0.0)
+    started = time.monotonic()
+    for step in range(1, config.steps + 1):
+        if should_stop is not None:
+            should_stop()
+        items = mixer.draw(config.batch_size)
+        with autocast_for(device):
+            loss, ce, kl = _batch_loss(wrapped, items, pad, device, config.max_length, config.kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        value = float(loss)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {step}")
+        report.losses.append(value)
+        report.ce.append(ce)
+        report.kl.append(kl)
+        if on_step is not None:
+            on_step(step, config.steps, {"loss": value, "ce": ce, "kl": kl, "lr": scheduler.get_last_lr()[0]})
+    report.seconds = time.monotonic() - started
+    wrapped.eval()
+    merged = merge(wrapped)
+    merged.config.use_cache = True
+    return merged, report
