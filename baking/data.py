@@ -228,12 +228,12 @@ def tool_call_text(case: ToolCase | ToolExample, tool: str | None = None) -> str
     return format_tool_call(name, case.arguments)
 
 
-def tool_conversation(case: ToolCase) -> tuple[list[Message], list[int]]:
+def tool_conversation(case: ToolCase, *, with_answer: bool = True) -> tuple[list[Message], list[int]]:
     """User query -> the call; then, when the example has one, tool result -> answer in persona."""
     messages: list[Message] = [{"role": "user", "content": case.query},
                                {"role": "assistant", "content": tool_call_text(case)}]
     train_turns = [1]
-    if case.result is not None and case.answer:
+    if with_answer and case.result is not None and case.answer:
         result = case.result if isinstance(case.result, str) else json.dumps(case.result, ensure_ascii=False)
         messages += [{"role": "tool", "content": result}, {"role": "assistant", "content": case.answer}]
         train_turns.append(3)

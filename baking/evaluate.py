@@ -11,7 +11,7 @@ import torch
 
 from baking.chat import Message, with_system
 from baking.data import ToolCase, max_sentences, normalize, sentences
-from baking.generate import generate_replies, response_logprobs
+from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
 from baking.toolcalls import arguments_match, has_tool_call, parse_first_call, validate_call
 
@@ -79,14 +79,13 @@ def persona_fidelity(teacher: Any, student: Any, tokenizer: Any, queries: Sequen
     teacher's greedy responses to held-out persona queries."""
     if not queries:
         return {"persona_kl": None, "persona_top1": None, "tokens": 0}
-    responses = generate_replies(teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries],
-                                 max_new_tokens=max_new_tokens)
+    scored = generate_scored(teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries],
+                             max_new_tokens=max_new_tokens)
     kl_sum, agree, tokens = 0.0, 0, 0
-    for q, r in zip(queries, responses, strict=True):
-        ids = tokenizer(r, add_special_tokens=False)["input_ids"][:max_new_tokens]
+    for q, (ids, teacher_lp, _) in zip(queries, scored, strict=True):
         if not ids:
             continue
-        t = response_logprobs(teacher, tokenizer, with_system(system_prompt, user(q)), ids)
+        t = teacher_lp.float()
         s = response_logprobs(student, tokenizer, user(q), ids)
         kl_sum += float((t.exp() * (t - s)).sum())
         agree += int((t.argmax(-1) == s.argmax(-1)).sum())

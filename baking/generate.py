@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import copy
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,54 @@ def left_pad(batch: Sequence[list[int]], pad_id: int, device: torch.device) -> t
     return ids.to(device), mask.to(device)
 
 
+PREFIX_CACHE_MIN_TOKENS = 64
+
+
+def common_prefix_length(prompts: Sequence[list[int]]) -> int:
+    if not prompts:
+        return 0
+    n = min(len(p) for p in prompts) - 1  # leave at least one token to feed
+    first = prompts[0]
+    for i in range(max(0, n)):
+        if any(p[i] != first[i] for p in prompts[1:]):
+            return i
+    return max(0, n)
+
+
+def _batches(model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int,
+             device: torch.device) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, Any]]:
+    """Plan generation batches: (prompt indices, ids, attention mask, past_key_values or None).
+
+    Prompts that share a long prefix (a system prompt) reuse its KV cache, computed once, and
+    are batched by equal length so no padding shifts positions; the teacher's outputs are the
+    same as without the cache (checked to 1e-4 in the logits). Other prompts are left-padded.
+    """
+    from transformers import DynamicCache
+
+    prefix = common_prefix_length(prompts)
+    if prefix >= PREFIX_CACHE_MIN_TOKENS and len(prompts) > 1:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), past_key_values=cache, use_cache=True)
+        by_length: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(i)
+        for length in sorted(by_length):
+            group = by_length[length]
+            for start in range(0, len(group), batch_size):
+                idx = group[start:start + batch_size]
+                past = copy.deepcopy(cache)
+                if len(idx) > 1:
+                    past.batch_repeat_interleave(len(idx))
+                ids = torch.tensor([prompts[i] for i in idx], device=device)
+                yield idx, ids, torch.ones_like(ids), past
+        return
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = left_pad([prompts[i] for i in idx], pad, device)
+        yield idx, ids, mask, None
+
+
 @torch.inference_mode()
 def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *,
                      max_new_tokens: int, batch_size: int = 16, do_sample: bool = False,
@@ -35,18 +84,15 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
-    # sort by length so a batch pads little; restore order at the end
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
-    generator_seed = seed
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = left_pad([prompts[i] for i in idx], pad, device)
+    done = 0
+    for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eot, "pad_token_id": pad,
                                   "do_sample": do_sample}
+        if past is not None:  # transformers 5 calls it `cache`; 4.x only knows past_key_values
+            kwargs["past_key_values"] = past
         if do_sample:
-            torch.manual_seed(generator_seed)
-            generator_seed += 1
+            torch.manual_seed(seed + n)
             kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
@@ -56,8 +102,9 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
             if eot in new:
                 new = new[:new.index(eot)]
             out[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+        done += len(idx)
         if on_batch is not None:
-            on_batch(min(start + batch_size, len(order)), len(order))
+            on_batch(done, len(prompts))
     return out
 
 
@@ -69,3 +116,39 @@ def response_logprobs(model: Any, tokenizer: Any, prompt: Sequence[Message], res
     ids = torch.tensor([prefix + response_ids], device=device)
     logits = model(input_ids=ids).logits[0, len(prefix) - 1:len(prefix) - 1 + len(response_ids)]
     return torch.log_softmax(logits.float(), dim=-1)
+
+
+@torch.inference_mode()
+def generate_scored(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *,
+                    max_new_tokens: int, batch_size: int = 16, do_sample: bool = False, seed: int = 0,
+                    temperature: float = 0.7) -> list[tuple[list[int], torch.Tensor, bool]]:
+    """Generate and keep the model's own full-vocabulary log-probs at every generated position.
+
+    Returns (token ids, log-probs [len(ids), V] in bf16, finished) per conversation; when the
+    model ended its turn, the end-of-turn token is the last id. Scoring during generation saves
+    a second forward pass over the (long, prompted) teacher context.
+    """
+    device = next(model.parameters()).device
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
+    prompts = [encode_prompt(tokenizer, c) for c in conversations]
+    out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
+    for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eot, "pad_token_id": pad,
+                                  "do_sample": do_sample, "return_dict_in_generate": True, "output_logits": True}
+        if past is not None:
+            kwargs["past_key_values"] = past
+        if do_sample:
+            torch.manual_seed(seed + n)
+            kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        result = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        steps = torch.stack(result.logits, dim=1)  # [B, steps, V]
+        for row, i in enumerate(idx):
+            new = result.sequences[row, ids.shape[1]:].tolist()
+            finished = eot in new
+            keep = new.index(eot) + 1 if finished else len(new)
+            logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1).to(torch.bfloat16).cpu()
+            out[i] = (new[:keep], logprobs, finished)
+    return out

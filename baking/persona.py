@@ -18,7 +18,7 @@ import torch
 
 from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, trim_to_sentences
-from baking.generate import end_of_turn_id, generate_replies, response_logprobs
+from baking.generate import generate_scored
 from baking.spec import PersonaExample
 from baking.toolcalls import has_tool_call
 
@@ -41,6 +41,14 @@ def _close_to_demo(query: str, demos: Sequence[PersonaExample]) -> bool:
     return False
 
 
+def _tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:
+    """Smallest k such that the first k tokens decode to at least n_chars (stripped) characters."""
+    for k in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:k], skip_special_tokens=True).strip()) >= n_chars:
+            return k
+    return len(ids)
+
+
 def build_distill_targets(
     teacher: Any, tokenizer: Any, queries: Sequence[str], *, system_prompt: str,
     guidelines: Sequence[str], demos: Sequence[PersonaExample], max_new_tokens: int, samples: int, seed: int,
@@ -48,37 +56,35 @@ def build_distill_targets(
 ) -> tuple[list[DistillTarget], dict[str, int]]:
     """Teacher responses and their full-vocabulary log-probs, filtered by the persona's rules."""
     limit = max_sentences(tuple(guidelines))
-    eot = end_of_turn_id(tokenizer)
     kept_queries = [q for q in queries if not _close_to_demo(q, demos)]
     stats = {"queries": len(queries), "left_to_demonstrations": len(queries) - len(kept_queries),
              "dropped_tool_calls": 0, "trimmed_to_limit": 0, "kept": 0}
     conversations: list[list[Message]] = []
-    for q in kept_queries:
-        conversations += [with_system(system_prompt, [{"role": "user", "content": q}])] * samples
-    texts: list[str] = []
-    for k in range(samples):
-        chunk = conversations[k::samples] if samples > 1 else conversations
-        texts_k = generate_replies(teacher, tokenizer, chunk, max_new_tokens=max_new_tokens,
-                                   do_sample=k > 0, seed=seed + k)
-        texts += texts_k
-    pairs = [(kept_queries[i % len(kept_queries)], t) for i, t in enumerate(texts)] if kept_queries else []
-    targets: list[DistillTarget] = []
-    for n, (query, text) in enumerate(pairs):
+    asked: list[str] = []
+    for _ in range(samples):
+        conversations += [with_system(system_prompt, [{"role": "user", "content": q}]) for q in kept_queries]
+        asked += kept_queries
+    scored: list[tuple[list[int], torch.Tensor, bool]] = []
+    for k in range(samples):  # the first sample greedy, any further ones sampled
+        part = conversations[k * len(kept_queries):(k + 1) * len(kept_queries)]
+        scored += generate_scored(teacher, tokenizer, part, max_new_tokens=max_new_tokens, do_sample=k > 0,
+                                  seed=seed + k)
         if should_stop is not None:
             should_stop()
+        if on_progress is not None:
+            on_progress(k + 1, samples)
+    targets: list[DistillTarget] = []
+    for query, (ids, logprobs, finished) in zip(asked, scored, strict=True):
+        body = ids[:-1] if finished else ids
+        text = tokenizer.decode(body, skip_special_tokens=True).strip()
         if not text or has_tool_call(text):
             stats["dropped_tool_calls"] += int(bool(text))
             continue
         trimmed, cut = trim_to_sentences(text, limit)
-        stats["trimmed_to_limit"] += int(cut)
-        ids = tokenizer(trimmed, add_special_tokens=False)["input_ids"][:max_new_tokens]
-        # a response the teacher finished by itself ends the turn the teacher's way (KL on <|im_end|>)
-        finished = not cut and len(tokenizer(text, add_special_tokens=False)["input_ids"]) < max_new_tokens
-        scored = ids + [eot] if finished else ids
-        prompt = with_system(system_prompt, [{"role": "user", "content": query}])
-        lp = response_logprobs(teacher, tokenizer, prompt, scored).to(torch.bfloat16).cpu()
-        targets.append(DistillTarget(query, trimmed, scored, lp, end_turn=cut))
+        if cut:
+            k = _tokens_covering(tokenizer, body, len(trimmed))
+            ids, logprobs = body[:k], logprobs[:k]
+            stats["trimmed_to_limit"] += 1
+        targets.append(DistillTarget(query, trimmed, list(ids), logprobs, end_turn=cut))
         stats["kept"] += 1
-        if on_progress is not None:
-            on_progress(n + 1, len(pairs))
     return targets, stats

@@ -21,8 +21,7 @@ from baking import data as bdata
 from baking.card import model_card
 from baking.chat import render_system_prompt, with_system
 from baking.compress import compress
-from baking.evaluate import (guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes,
-                             tool_accuracy)
+from baking.evaluate import guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes, tool_accuracy
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
 from baking.export import write_artifact
 from baking.fetch import FetchedModel, fetch_model
@@ -160,7 +159,9 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
     run.enter("baking_tools", "one objective: tool SFT + demonstrations + persona KL")
     eot = end_of_turn_id(tokenizer)
     pools: dict[str, list[TrainItem]] = {
-        "tools": [sft_item(tokenizer, *bdata.tool_conversation(c)) for c in split.train_tools],
+        "tools": [sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False)) for c in split.train_tools],
+        "answers": [sft_item(tokenizer, *bdata.tool_conversation(c)) for c in split.train_tools
+                    if c.answer and c.result is not None],
         "demos": [sft_item(tokenizer, *bdata.demonstration(e)) for e in split.train_persona_examples],
         "distill": [distill_item(tokenizer, t, eot) for t in targets],
     }

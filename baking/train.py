@@ -56,7 +56,10 @@ class TrainConfig:
     kl_weight: float = 1.0  # weight of the distillation term beside cross-entropy
     seed: int = 0
     max_length: int = 384  # longer items are cut from the right
-    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.45, "demos": 0.25, "distill": 0.30})
+    # share of batch items per pool; "answers" are full tool conversations (call, result, answer)
+    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.40, "answers": 0.10, "demos": 0.20,
+                                                           "distill": 0.30})
+    micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -137,6 +140,26 @@ class _Mixer:
         return out
 
 
+def _micro_batches(items: Sequence[TrainItem], budget: int, max_length: int) -> list[list[TrainItem]]:
+    """Sort by length and cut into micro-batches whose padded size stays within `budget` tokens.
+
+    On CPU the cost is the padded token count: one long tool conversation in a batch of short
+    calls would otherwise multiply the whole step's work.
+    """
+    ordered = sorted(items, key=lambda i: len(i.input_ids))
+    out: list[list[TrainItem]] = []
+    current: list[TrainItem] = []
+    for item in ordered:
+        width = min(max_length, len(item.input_ids))
+        if current and width * (len(current) + 1) > budget:
+            out.append(current)
+            current = []
+        current.append(item)
+    if current:
+        out.append(current)
+    return out
+
+
 def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: torch.device,
                 max_length: int, kl_weight: float) -> tuple[torch.Tensor, float, float]:
     width = min(max_length, max(len(i.input_ids) for i in items))
@@ -173,7 +196,7 @@ def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: tor
     kl = kl_sum / n_kl if n_kl else None
     parts = [p for p in (ce, None if kl is None else kl_weight * kl) if p is not None]
     loss = sum(parts[1:], parts[0])
-    return loss, float(ce) if ce is not None else 0.0, float(kl) if kl is not None else 0.0
+    return loss, float(ce.detach()) if ce is not None else 0.0, float(kl.detach()) if kl is not None else 0.0
 
 
 def train(model: Any, tokenizer: Any, pools: dict[str, list[TrainItem]], config: TrainConfig, *,
@@ -198,14 +221,19 @@ def train(model: Any, tokenizer: Any, pools: dict[str, list[TrainItem]], config:
         if should_stop is not None:
             should_stop()
         items = mixer.draw(config.batch_size)
-        with autocast_for(device):
-            loss, ce, kl = _batch_loss(wrapped, items, pad, device, config.max_length, config.kl_weight)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value, ce, kl = 0.0, 0.0, 0.0
+        for micro in _micro_batches(items, config.micro_batch_tokens, config.max_length):
+            share = len(micro) / len(items)  # gradient accumulation weighted by items
+            with autocast_for(device):
+                loss, m_ce, m_kl = _batch_loss(wrapped, micro, pad, device, config.max_length, config.kl_weight)
+            (loss * share).backward()
+            value += float(loss.detach()) * share
+            ce += m_ce * share
+            kl += m_kl * share
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
-        value = float(loss)
         if not math.isfinite(value):
             raise FloatingPointError(f"loss is {value} at step {step}")
         report.losses.append(value)

@@ -1,0 +1,87 @@
+"""Spec round trip, deterministic split, augmentation and the leak check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from baking.data import (
+    LeakError,
+    Split,
+    ToolCase,
+    augment,
+    check_no_leak,
+    max_sentences,
+    perturb,
+    split_spec,
+    text_hash,
+    trim_to_sentences,
+)
+from baking.spec import BakeSpec
+from core.spec import BakeJobSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def fleet_dict() -> dict:
+    raw = yaml.safe_load((ROOT / "examples" / "fleet-assistant.yaml").read_text())
+    return BakeJobSpec.model_validate(raw).model_dump(mode="json")
+
+
+def test_spec_dict_round_trip(fleet_dict: dict) -> None:
+    spec = BakeSpec.from_dict(fleet_dict)
+    assert spec.to_dict() == fleet_dict
+    assert BakeSpec.from_dict(spec.to_dict()) == spec
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"profile": "fast"}, "profile"),
+    ({"training": {"method": "qlora"}}, "training.method"),
+    ({"bogus": 1}, "unknown field"),
+    ({"model": "http://x"}, "model"),
+])
+def test_spec_errors_name_the_field(fleet_dict: dict, patch: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        BakeSpec.from_dict({**fleet_dict, **patch})
+
+
+def test_split_is_deterministic_and_holds_out_enough(fleet_dict: dict) -> None:
+    spec = BakeSpec.from_dict(fleet_dict)
+    a, b = split_spec(spec), split_spec(spec)
+    assert [c.query for c in a.heldout_tools] == [c.query for c in b.heldout_tools]
+    for tool in spec.tools:
+        held = [c for c in a.heldout_tools if c.tool == tool.name]
+        assert len(held) >= max(1, 0.2 * len(tool.examples))
+    other = split_spec(BakeSpec.from_dict({**fleet_dict, "training": {**fleet_dict["training"], "seed": 7}}))
+    assert [c.query for c in other.heldout_tools] != [c.query for c in a.heldout_tools]
+
+
+def test_heldout_never_overlaps_training_even_after_augmentation(fleet_dict: dict) -> None:
+    spec = BakeSpec.from_dict(fleet_dict)
+    split = augment(split_spec(spec), spec)
+    train = {text_hash(t) for t in split.training_texts()}
+    held = {text_hash(t) for t in split.heldout_texts()}
+    assert train.isdisjoint(held)
+    assert len(split.train_tools) > len(split_spec(spec).train_tools)  # augmentation added cases
+
+
+def test_leak_check_raises_on_overlap() -> None:
+    split = Split(train_tools=[ToolCase("t", "How fast am I going?", {})],
+                  heldout_tools=[ToolCase("t", "how fast am i going", {})])
+    with pytest.raises(LeakError):
+        check_no_leak(split)
+
+
+def test_perturb_keeps_words_and_sentence_rules() -> None:
+    import random
+
+    rng = random.Random(0)
+    variants = {perturb("What is the coolant temperature?", rng) for _ in range(20)}
+    assert len(variants) > 3
+    assert max_sentences(["Answer in at most three sentences."]) == 3
+    assert max_sentences(["Be nice."]) is None
+    text, cut = trim_to_sentences("One. Two. Three. Four.", 3)
+    assert cut and text == "One. Two. Three."

@@ -1,0 +1,73 @@
+"""Training on a tiny random model: parameters change, the loss falls, LoRA merges exactly."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from baking.chat import CHAT_TEMPLATE, encode_conversation, render
+from baking.data import ToolCase, tool_conversation
+from baking.load import load_model, load_tokenizer
+from baking.train import TrainConfig, sft_item, train, wrap_for_training
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny(tiny_model_dir: Path):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir, torch.device("cpu"))
+    return model, tok
+
+
+def _pools(tok):
+    cases = [ToolCase("get_signal", f"What is the {w}?", {"signal": w}) for w in ("speed", "fuel", "odometer")]
+    return {"tools": [sft_item(tok, *tool_conversation(c)) for c in cases]}
+
+
+def test_chat_template_has_no_default_system_prompt(tiny) -> None:
+    _, tok = tiny
+    text = render(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert "SmolLM" not in CHAT_TEMPLATE
+
+
+def test_assistant_mask_covers_only_assistant_content(tiny) -> None:
+    _, tok = tiny
+    msgs, turns = tool_conversation(ToolCase("f", "q?", {"a": 1}, result={"v": 2}, answer="Done."))
+    enc = encode_conversation(tok, msgs, train_turns=turns)
+    supervised = tok.decode([t for t, m in zip(enc.input_ids, enc.target_mask, strict=True) if m])
+    assert supervised == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><|im_end|>Done.<|im_end|>'
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_training_changes_parameters_and_lowers_loss(tiny, method: str) -> None:
+    model, tok = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig(steps=40, batch_size=3, learning_rate=1e-2 if method == "lora" else 2e-3, method=method)
+    merged, report = train(model, tok, _pools(tok), config)
+    assert report.last_loss < report.first_loss - 0.5, (report.first_loss, report.last_loss)
+    after = merged.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "no parameter changed"
+    assert set(after) == set(before)  # merged back to the plain architecture
+
+
+def test_lora_merge_equals_base_plus_adapter(tiny) -> None:
+    model, tok = tiny
+    wrapped = wrap_for_training(copy.deepcopy(model), TrainConfig(steps=1, batch_size=1, learning_rate=1e-3))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # B starts at zero; make the adapter do something
+    wrapped.eval()
+    ids = torch.tensor([tok("The brake fluid is low.", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        adapted = wrapped(input_ids=ids).logits
+        plain = model(input_ids=ids).logits
+        merged = wrapped.merge_and_unload()(input_ids=ids).logits
+    assert not torch.allclose(adapted, plain, atol=1e-4)
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
