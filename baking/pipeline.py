@@ -114,7 +114,7 @@ def _bake(run: _Run, workdir: Path, models_dir: Path) -> BakeResult:
 
     run.enter("optimizing")
     final, scheme = compress(baked, spec.optimize.quantization, device)
-    run.info(f"quantization scheme: {scheme['scheme']}", **scheme)
+    run.info(f"quantization scheme: {scheme['scheme']}", **{k: v for k, v in scheme.items() if k != "dtype_torch"})
 
     run.enter("validating")
     metrics = _validate(run, original, baked, final, scheme, tokenizer, split, system_prompt, fetched)

@@ -11,9 +11,12 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 CHUNK = 1024 * 1024
 
@@ -26,8 +29,8 @@ def validate_key(key: str) -> str:
     """Reject absolute keys, traversal and empty segments."""
     if not key or key.startswith("/") or "\\" in key or "\x00" in key:
         raise StoreError(f"invalid object key {key!r}")
-    parts = PurePosixPath(key).parts
-    if any(p in ("", ".", "..") for p in parts) or key.endswith("/"):
+    # Split by hand: PurePosixPath would normalise "a//b" and "a/./b" away before we look.
+    if any(p in ("", ".", "..") for p in key.split("/")):
         raise StoreError(f"invalid object key {key!r}")
     return key
 
@@ -133,3 +136,20 @@ def open_store(url: str, **s3_options: str | None) -> ObjectStore:
 
         return S3Store(url, **s3_options)
     raise StoreError(f"unsupported storage URL scheme: {parsed.scheme!r}")
+
+
+def store_from_settings(settings: Settings) -> ObjectStore:
+    """The artifact store the settings name, with the S3 endpoint and credentials applied."""
+    url = settings.resolved_storage_url
+    if url.startswith("s3://"):
+        return open_store(url, **s3_options(settings))
+    return open_store(url)
+
+
+def s3_options(settings: Settings) -> dict[str, str | None]:
+    return {
+        "endpoint_url": settings.s3_endpoint_url,
+        "access_key_id": settings.s3_access_key_id,
+        "secret_access_key": settings.s3_secret_access_key,
+        "region": settings.s3_region,
+    }

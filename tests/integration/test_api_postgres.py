@@ -32,19 +32,14 @@ def _other(api: Harness) -> dict[str, str]:
 
 
 def test_create_get_list_paginate_and_filter(api: Harness) -> None:
-    ids = [
-        api.create({**MINIMAL_SPEC, "metadata": {"team": "adas" if i % 2 else "infra"}})["id"]
-        for i in range(5)
-    ]
+    ids = [api.create({**MINIMAL_SPEC, "metadata": {"team": "adas" if i % 2 else "infra"}})["id"] for i in range(5)]
     assert api.queue.job_ids == ids
     assert api.queue.statuses_at_enqueue == ["queued"] * 5
     assert api.client.get(f"/v1/bake-jobs/{ids[0]}").json()["id"] == ids[0]
 
     seen, sizes, after = [], [], None
     while True:
-        page = api.client.get(
-            "/v1/bake-jobs", params={"limit": 2, **({"after": after} if after else {})}
-        ).json()
+        page = api.client.get("/v1/bake-jobs", params={"limit": 2, **({"after": after} if after else {})}).json()
         seen += [j["id"] for j in page["data"]]
         sizes.append(len(page["data"]))
         if not page["has_more"]:

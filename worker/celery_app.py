@@ -1,0 +1,69 @@
+"""The Celery app of the workers. Configured from Settings when first used, not at import."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_ready
+
+from core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+app = Celery("bakehouse", include=["worker.tasks"])
+
+
+def transport_options(broker_url: str, visibility_timeout: int) -> dict[str, Any]:
+    # Redis/SQS redeliver an unacked message after the visibility timeout. kombu's SQLAlchemy
+    # transport passes its options to create_engine, which rejects the key.
+    if broker_url.startswith(("redis://", "rediss://", "redis+socket://", "sqs://")):
+        return {"visibility_timeout": visibility_timeout}
+    return {}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.resolved_broker_url,
+        "result_backend": None,  # job state lives in the database, not in Celery results
+        "task_ignore_result": True,
+        "task_default_queue": settings.queue_name,
+        "task_routes": {"bakehouse.*": {"queue": settings.queue_name}},
+        # One job per worker process, acknowledged only when done, so a crash redelivers it.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_transport_options": transport_options(
+            settings.resolved_broker_url, settings.visibility_timeout_seconds
+        ),
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+
+
+@app.on_configure.connect
+def _configure(sender: Celery, **_: Any) -> None:
+    sender.conf.update(celery_config(get_settings()))
+
+
+@worker_ready.connect
+def _requeue_orphans(sender: Any = None, **_: Any) -> None:
+    """Re-enqueue active jobs whose worker may have died; the claim makes duplicates no-ops."""
+    from core.db import get_sessionmaker
+    from core.queue import BAKE_TASK
+    from core.runs import orphan_candidates
+
+    settings = get_settings()
+    try:
+        with get_sessionmaker(settings.resolved_database_url)() as session:
+            candidates = orphan_candidates(session=session)
+    except Exception:  # a missing schema or a DB hiccup must not stop the worker from serving
+        log.exception("could not look for orphaned jobs")
+        return
+    for job_id, wait_s in candidates:
+        log.info("re-enqueueing active job %s (lease free in %.0fs)", job_id, wait_s)
+        app.send_task(BAKE_TASK, args=[job_id], queue=settings.queue_name, countdown=wait_s + 1.0)
