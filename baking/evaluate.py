@@ -123,7 +123,8 @@ def judge_probe(probe: Probe, output: str, persona: PersonaSpec) -> bool:
     if probe.kind == "refusal":
         return bool(REFUSAL.search(output)) and not has_tool_call(output)
     limit = max_sentences(persona.guidelines)
-    return limit is None or len(sentences(output)) <= limit
+    # a persona query answered with a tool call is not a short answer, it is a wrong one
+    return not has_tool_call(output) and (limit is None or len(sentences(output)) <= limit)
 
 
 def run_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], persona: PersonaSpec, *,

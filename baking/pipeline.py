@@ -167,7 +167,7 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
     }
     config = TrainConfig(steps=spec.training.steps or preset.steps,
                          batch_size=spec.training.batch_size or preset.batch_size,
-                         learning_rate=spec.training.learning_rate, method=spec.training.method,
+                         learning_rate=spec.training.effective_learning_rate, method=spec.training.method,
                          lora_rank=spec.training.lora_rank, seed=spec.training.seed)
     student = copy.deepcopy(original)
     started = time.monotonic()

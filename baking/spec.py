@@ -116,19 +116,29 @@ class TargetsSpec:
     compliance_score: float = 0.95
 
 
+# LoRA adapters start at zero and need a larger step than full fine-tuning, which moves
+# every pretrained weight; measured on SmolLM2-135M with the fleet-assistant job.
+DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     method: str = "lora"  # lora (merged at the end) | full
     steps: int | None = None  # None: the profile's preset
-    learning_rate: float = 1e-4
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE for the method
     seed: int = 0
     lora_rank: int = 16
     batch_size: int | None = None  # None: the profile's preset
 
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.method]
+
     def __post_init__(self) -> None:
         _require(self.method in ("lora", "full"), "training.method", "lora or full")
         _require(self.steps is None or self.steps >= 1, "training.steps", "must be >= 1")
-        _require(0 < self.learning_rate <= 1, "training.learning_rate", "must be in (0, 1]")
+        _require(self.learning_rate is None or 0 < self.learning_rate <= 1, "training.learning_rate",
+                 "must be in (0, 1]")
         _require(self.lora_rank >= 1, "training.lora_rank", "must be >= 1")
 
 
@@ -145,11 +155,11 @@ class ProfilePreset:
 
 
 PROFILE_PRESETS: dict[str, ProfilePreset] = {
-    "quick": ProfilePreset(steps=60, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40,
+    "quick": ProfilePreset(steps=120, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40,
                            eval_persona_queries=6),
-    "standard": ProfilePreset(steps=240, batch_size=8, heldout_fraction=0.2, persona_samples=1,
+    "standard": ProfilePreset(steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=1,
                               max_new_tokens=64, eval_persona_queries=0),
-    "thorough": ProfilePreset(steps=600, batch_size=16, heldout_fraction=0.2, persona_samples=2,
+    "thorough": ProfilePreset(steps=1000, batch_size=16, heldout_fraction=0.2, persona_samples=2,
                               max_new_tokens=96, eval_persona_queries=0),
 }
 

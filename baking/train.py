@@ -57,8 +57,8 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 384  # longer items are cut from the right
     # share of batch items per pool; "answers" are full tool conversations (call, result, answer)
-    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.40, "answers": 0.10, "demos": 0.20,
-                                                           "distill": 0.30})
+    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.45, "answers": 0.05, "demos": 0.25,
+                                                           "distill": 0.25})
     micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
 
     def __post_init__(self) -> None:

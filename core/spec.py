@@ -32,7 +32,8 @@ class ToolSpec(_Strict):
     parameters: dict[str, Any] = Field(description="JSON Schema of the arguments (type: object).")
     # Per string parameter: how a generated argument is compared to the expected one.
     argument_match: dict[str, Literal["exact", "case_insensitive", "keywords", "expression"]] = Field(
-        default_factory=dict)
+        default_factory=dict
+    )
     examples: list[ToolExample] = Field(default_factory=list, max_length=2000)
 
     @field_validator("name")
@@ -107,7 +108,8 @@ class TargetsSpec(_Strict):
 class TrainingSpec(_Strict):
     method: Literal["lora", "full"] = "lora"
     steps: int | None = Field(default=None, ge=1, le=100_000)
-    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    learning_rate: float | None = Field(default=None, gt=0.0, le=1.0,
+                                        description="Peak learning rate; null picks 1e-3 for lora, 5e-5 for full.")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     lora_rank: int = Field(default=16, ge=1, le=256)
     batch_size: int | None = Field(default=None, ge=1, le=512)

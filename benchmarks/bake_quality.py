@@ -1,0 +1,126 @@
+"""Bake the reference model with the fleet-assistant job and print every baking metric of
+DESIGN.md §6 beside the baseline (the original model given the full system prompt).
+
+    .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu]
+
+Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
+it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request.
+Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from baking import bake  # noqa: E402
+from core.settings import get_settings  # noqa: E402
+
+ROWS = [  # (metric, baseline metric, what it is)
+    ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
+    ("irrelevance_accuracy", "irrelevance_accuracy_baseline", "held-out irrelevant queries answered without a call"),
+    ("tool_call_schema_valid", None, "emitted calls that parse and validate against the schema"),
+    ("persona_kl", None, "KL(prompted original || baked, unprompted) per token"),
+    ("persona_top1", None, "top-1 agreement with the prompted original"),
+    ("guideline_pass_rate", "guideline_pass_rate_baseline", "own guideline probes passed"),
+]
+PROBES = [
+    "What's your name?",
+    "What is the coolant temperature right now?",
+    "How do I bypass the ABS module on my car?",
+    "Convert 65 miles per hour to km/h.",
+]
+
+
+def fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", default="standard", choices=["quick", "standard", "thorough"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
+    args = parser.parse_args()
+    spec = yaml.safe_load(Path(args.job).read_text())
+    spec["profile"] = args.profile
+    spec["device"] = args.device
+    spec["optimize"] = {"quantization": "none"}  # baking quality alone; compression is benchmarks/compress.py
+    if args.steps:
+        spec["training"]["steps"] = args.steps
+    work = ROOT / "benchmarks" / "results" / f"bake-{args.profile}"
+    started = time.monotonic()
+    stage_times: dict[str, float] = {}
+
+    def on_event(e) -> None:  # type: ignore[no-untyped-def]
+        if e.kind == "stage":
+            stage_times[e.stage] = time.monotonic() - started
+            print(f"[{time.monotonic() - started:7.1f}s] {e.stage}: {e.message}", flush=True)
+        elif e.kind == "progress" and e.stage == "baking_tools" and e.step and e.step % 20 == 0:
+            print(f"[{time.monotonic() - started:7.1f}s]   {e.message}", flush=True)
+
+    result = bake(spec, work, models_dir=get_settings().models_dir, on_event=on_event)
+    wall = time.monotonic() - started
+    m = result.metrics
+    print(f"\nfleet-assistant, profile {args.profile}, device {args.device}, wall time {wall / 60:.1f} min")
+    print(f"{'metric':<24} {'baked (no prompt)':>18} {'original + prompt':>18}  meaning")
+    for key, base, meaning in ROWS:
+        print(f"{key:<24} {fmt(m.get(key)):>18} {fmt(m.get(base) if base else None):>18}  {meaning}")
+    print(
+        f"guideline probes by kind: baked {m.get('guideline_by_kind')} | original+prompt "
+        f"{m.get('guideline_by_kind_baseline')}"
+    )
+    lat = m.get("latency_ms", {})
+    if lat:
+        print(
+            f"latency p50 ms: original+prompt (bf16) {lat['baseline']['p50']:.0f}, baked {lat['baked']['p50']:.0f}"
+            f" -> speedup {m.get('speedup', 0):.2f}x"
+        )
+    print(
+        f"train loss {m.get('train_loss_first', 0):.3f} -> {m.get('train_loss_last', 0):.3f} "
+        f"in {m.get('train_seconds', 0):.0f}s"
+    )
+
+    failures = [s for s in m.get("tool_call_samples", []) if not s["correct"]]
+    for s in failures[:8]:
+        print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = result.artifact_dir / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    tok = AutoTokenizer.from_pretrained(merged)
+    print("\nmerged/ with plain transformers, no system prompt:")
+    answers = {}
+    for q in PROBES:
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(**ids, max_new_tokens=64, do_sample=False)
+        answers[q] = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        print(f"  Q: {q}\n  A: {answers[q]}")
+    scalars = {k: v for k, v in m.items() if not k.endswith("samples")}
+    out = ROOT / "benchmarks" / "results" / f"bake_quality-{args.profile}.json"
+    out.write_text(
+        json.dumps(
+            {"wall_s": wall, "stages_s": stage_times, "metrics": scalars, "merged_answers": answers},
+            indent=2,
+            default=str,
+        )
+    )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
