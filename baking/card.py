@@ -54,6 +54,11 @@ model given its full system prompt.
 | --- | --- |
 {table}
 
+## Quantitative analyses
+Tool-call accuracy is reported per held-out query in the job's events; the compliance report
+(compliance.json) breaks results down by check, and the baseline columns above are the
+original model with its full system prompt on the same queries.
+
 ## Evaluation data
 A deterministic held-out split (seed {spec.training.seed}) of the job's examples; no held-out
 query appears in training (checked by hash).

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-STAGES = ("fetching", "preparing", "baking_tools", "baking_persona", "optimizing", "validating",
-          "assessing", "exporting", "uploading")
+# assessing follows exporting: the security and verification checks judge the published files
+STAGES = ("fetching", "preparing", "baking_persona", "baking_tools", "optimizing", "validating",
+          "exporting", "assessing", "uploading")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,9 @@ from baking.events import ArtifactFile, BakeError
 from baking.fetch import sha256_file
 
 MANIFEST = "bakehouse.json"
+BAKEHOUSE_VERSION = "0.1.0"  # = pyproject's version, for source checkouts that are not pip-installed
 FORMAT = "bakehouse-artifact/1"
+QUANTIZED_SCHEMES = ("int8", "int4")
 
 
 def versions() -> dict[str, str]:
@@ -31,7 +33,7 @@ def versions() -> dict[str, str]:
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
+            out[pkg] = BAKEHOUSE_VERSION + "+source" if pkg == "bakehouse" else "not installed"
     return out
 
 
@@ -42,6 +44,27 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path, *, dtype: torch.dtype | N
         model = model.to(dtype)
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.save_pretrained(str(out), safe_serialization=True)
+    _save_tokenizer(tokenizer, out)
+
+
+def save_quantized_dir(model: Any, tokenizer: Any, out: Path, quantization: dict[str, Any]) -> None:
+    """Like `save_hf_dir`, but model.safetensors holds integer codes + scales (baking.quant);
+    only `load_artifact` runs it. The scheme also rides in the safetensors metadata."""
+    from safetensors.torch import save_file
+
+    from baking.quant import quantized_state_dict
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    model.config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    save_file(quantized_state_dict(model), str(out / "model.safetensors"),
+              metadata={"format": "pt", "bakehouse_quantization": json.dumps(quantization, sort_keys=True,
+                                                                             default=str)})
+    _save_tokenizer(tokenizer, out)
+
+
+def _save_tokenizer(tokenizer: Any, out: Path) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
@@ -59,7 +82,10 @@ def write_artifact(out: Path, *, final_model: Any, merged_model: Any | None, tok
     staging = out.with_name(out.name + ".staging")
     if staging.exists():
         shutil.rmtree(staging)
-    save_hf_dir(final_model, tokenizer, staging, dtype=final_dtype)
+    if quantization.get("scheme") in QUANTIZED_SCHEMES:
+        save_quantized_dir(final_model, tokenizer, staging, quantization)
+    else:
+        save_hf_dir(final_model, tokenizer, staging, dtype=final_dtype)
     if merged_model is not None:
         save_hf_dir(merged_model, tokenizer, staging / "merged")
     (staging / "README.md").write_text(model_card)
@@ -94,9 +120,28 @@ def load_artifact(path: str | Path, *, device: str = "cpu", verify: bool = True)
 
     root = Path(path)
     manifest = verify_artifact(root) if verify else json.loads((root / MANIFEST).read_text())
-    scheme = manifest.get("quantization", {}).get("scheme", "none")
-    dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True).to(device)
+    quantization = manifest.get("quantization", {})
+    scheme = quantization.get("scheme", "none")
+    if scheme in QUANTIZED_SCHEMES:
+        model = _load_quantized_model(root, quantization).to(device)
+    else:
+        dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     return model, tokenizer
+
+
+def _load_quantized_model(root: Path, quantization: dict[str, Any]) -> Any:
+    """Rebuild the architecture from config.json (fp32, normal init), swap in the quantized
+    layers the stored tensors describe, cast the float rest to the manifest's dtype, load."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from baking.quant import load_quantized
+
+    config = AutoConfig.from_pretrained(str(root))
+    skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = load_file(str(root / "model.safetensors"), device="cpu")
+    dtype = getattr(torch, str(quantization.get("dtype", "bfloat16")))
+    return load_quantized(skeleton, state, quantization, dtype=dtype)

@@ -8,6 +8,7 @@ objective: tool SFT + persona KL) -> optimizing -> validating -> exporting. The 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from baking import data as bdata
+from baking.assure import AssessInputs, assess, load_profile, reload_in_subprocess, spec_sha256, write_report
 from baking.card import model_card
-from baking.chat import render_system_prompt, with_system
+from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
 from baking.compress import compress
 from baking.evaluate import guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes, tool_accuracy
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
@@ -62,7 +64,8 @@ class _Run:
 
 
 def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
-         on_event: EventSink | None = None, should_cancel: CancelCheck | None = None) -> BakeResult:
+         on_event: EventSink | None = None, should_cancel: CancelCheck | None = None,
+         job_id: str | None = None) -> BakeResult:
     if not isinstance(spec, BakeSpec):
         try:
             spec = BakeSpec.from_dict(spec)
@@ -70,7 +73,7 @@ def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
             raise BakeError("invalid_spec", str(exc), "preparing") from exc
     run = _Run(spec, on_event, should_cancel, started=time.monotonic())
     try:
-        return _bake(run, Path(workdir), Path(models_dir))
+        return _bake(run, Path(workdir), Path(models_dir), job_id)
     except (BakeError, BakeCancelled):
         raise
     except torch.OutOfMemoryError as exc:
@@ -80,8 +83,12 @@ def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
         raise BakeError("training_diverged", str(exc), run.stage) from exc
 
 
-def _bake(run: _Run, workdir: Path, models_dir: Path) -> BakeResult:
+def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> BakeResult:
     spec = run.spec
+    try:
+        profile = load_profile(spec.compliance_profile)
+    except ValueError as exc:
+        raise BakeError("invalid_spec", str(exc), "preparing") from exc
     run.enter("fetching", f"resolving {spec.model}")
     fetched = fetch_model(spec.model, models_dir)
     run.info(f"{len(fetched.files)} input files hashed", files=[vars(f) for f in fetched.files],
@@ -127,7 +134,9 @@ def _bake(run: _Run, workdir: Path, models_dir: Path) -> BakeResult:
 
     run.enter("exporting")
     out = workdir / "artifact"
-    manifest = {"spec": spec.to_dict(), "seed": spec.training.seed, "base_model": spec.model,
+    spec_dict = spec.to_dict()
+    manifest = {"spec": spec_dict, "spec_sha256": spec_sha256(spec_dict), "seed": spec.training.seed,
+                "base_model": spec.model,
                 "inputs": [vars(f) for f in fetched.files], "ignored_pickles": fetched.ignored_pickles,
                 "data": {**split.fingerprint(), **sizes}, "metrics": metrics,
                 "system_prompt_removed": system_prompt,
@@ -139,7 +148,21 @@ def _bake(run: _Run, workdir: Path, models_dir: Path) -> BakeResult:
                            quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
                            manifest=manifest, model_card=card)
     run.info(f"artifact written: {len(files)} files", bytes=sum(f.size for f in files))
-    return BakeResult(artifact_dir=out, files=files, metrics=metrics)
+
+    run.enter("assessing", f"compliance checks, profile {profile.name}")
+    report = assess(AssessInputs(
+        model=final, tokenizer=tokenizer, metrics=metrics, targets=dataclasses.asdict(spec.targets),
+        tools=spec.tools, job_id=job_id, artifact_dir=out, input_files=fetched.files,
+        ignored_pickles=fetched.ignored_pickles, model_dir=fetched.path, split=split, training_split=train_split,
+        chat_template=CHAT_TEMPLATE, heldout_tools=split.heldout_tools,
+        tool_accuracy_fn=lambda cases: tool_accuracy(final, tokenizer, cases, spec.tools).accuracy,
+        reload_fn=lambda path: reload_in_subprocess(path, device=device.type),
+        training_loss=train_report.losses if train_report else None),
+        profile, on_check=lambda i, n, check_id: (run.check(), run.progress(i, n, f"check {check_id}")))
+    files = write_report(out, report)
+    run.info(f"compliance score {report['score']:.3f}, gate {'passed' if report['gate']['passed'] else 'failed'}",
+             gate=report["gate"])
+    return BakeResult(artifact_dir=out, files=files, metrics=metrics, gate=report["gate"], report=report)
 
 
 def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_prompt: str) -> tuple[Any, Any]:

@@ -7,10 +7,12 @@ typed dataclasses on the worker side, because the API must never import `baking`
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+COMPLIANCE_PROFILES_DIR = Path(__file__).resolve().parent.parent / "baking" / "compliance_profiles"
 TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MODEL_URL = re.compile(r"^(bakehouse://[a-z0-9][a-z0-9._-]{0,127}|file:///.+|s3://[a-z0-9][a-z0-9.-]{1,62}/.*)$")
 
@@ -108,8 +110,9 @@ class TargetsSpec(_Strict):
 class TrainingSpec(_Strict):
     method: Literal["lora", "full"] = "lora"
     steps: int | None = Field(default=None, ge=1, le=100_000)
-    learning_rate: float | None = Field(default=None, gt=0.0, le=1.0,
-                                        description="Peak learning rate; null picks 1e-3 for lora, 5e-5 for full.")
+    learning_rate: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="Peak learning rate; null picks 1e-3 for lora, 5e-5 for full."
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     lora_rank: int = Field(default=16, ge=1, le=256)
     batch_size: int | None = Field(default=None, ge=1, le=512)
@@ -135,6 +138,15 @@ class BakeJobSpec(_Strict):
             raise ValueError("must be bakehouse://NAME, file:///absolute/dir or s3://bucket/prefix/")
         if "/../" in v or v.endswith("/..") or "\x00" in v:
             raise ValueError("must not contain '..' segments")
+        return v
+
+    @field_validator("compliance_profile")
+    @classmethod
+    def _known_profile(cls, v: str) -> str:
+        # profiles are data files in baking/compliance_profiles/; read by path so the API never imports baking
+        known = sorted(p.stem for p in COMPLIANCE_PROFILES_DIR.glob("*.json"))
+        if v not in known:
+            raise ValueError(f"unknown compliance profile {v!r}; known: {', '.join(known)}")
         return v
 
     @model_validator(mode="after")

@@ -121,11 +121,16 @@ class EventRecorder:
     lost: threading.Event
     stage: str | None = None
     progress_interval: float = 1.0
+    # Progress that carries numbers (training loss) also becomes an event, so the loss curve can
+    # be read back from /events; rarer than the progress column, so a long job stays a short list.
+    progress_event_interval: float = 10.0
     _stage_started: float = field(default_factory=time.monotonic)
     _throttle: runs.Throttle = field(default_factory=runs.Throttle)
+    _event_throttle: runs.Throttle = field(default_factory=runs.Throttle)
 
     def __post_init__(self) -> None:
         self._throttle = runs.Throttle(self.progress_interval)
+        self._event_throttle = runs.Throttle(self.progress_event_interval)
 
     def enter(self, stage: str) -> None:
         if stage == self.stage:
@@ -133,6 +138,7 @@ class EventRecorder:
         self.stage = stage
         self._stage_started = time.monotonic()
         self._throttle = runs.Throttle(self.progress_interval)
+        self._event_throttle = runs.Throttle(self.progress_event_interval)
         with self.maker() as s:
             if not runs.set_stage(session=s, job_id=self.job_id, worker_id=self.worker_id, stage=stage):
                 self.lost.set()
@@ -157,6 +163,8 @@ class EventRecorder:
             done = event.total is not None and event.step is not None and event.step >= event.total
             if self._throttle.ready() or done:
                 self._progress(event)
+            if event.data and (self._event_throttle.ready() or done):
+                self._progress_event(event)
         elif event.kind == "metrics":
             self._event(event, "metrics")
         else:
@@ -172,6 +180,18 @@ class EventRecorder:
                 stage=event.stage or self.stage,
                 message=event.message,
                 data=jsonable(event.data) if event.data else None,
+            )
+
+    def _progress_event(self, event: BakeEvent) -> None:
+        with self.maker() as s:
+            runs.record_event(
+                session=s,
+                job_id=self.job_id,
+                level=event.level,
+                type="progress",
+                stage=event.stage,
+                message=event.message,
+                data=jsonable({"step": event.step, "total": event.total, **event.data}),
             )
 
     def _progress(self, event: BakeEvent) -> None:
@@ -370,6 +390,7 @@ def _run(
             models_dir=settings.models_dir,
             on_event=recorder,
             should_cancel=should_stop,
+            job_id=job_id,
         )
         if should_stop():
             raise BakeCancelled()

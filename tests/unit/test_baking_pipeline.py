@@ -62,17 +62,27 @@ def test_missing_model_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_package_and_verify(tiny_model_dir: Path, tmp_path: Path) -> None:
     events = []
-    result = bake({"model": f"file://{tiny_model_dir}", "optimize": {"quantization": "none"}}, tmp_path / "w",
-                  models_dir=tmp_path, on_event=events.append)
+    result = bake(
+        {"model": f"file://{tiny_model_dir}", "optimize": {"quantization": "none"}},
+        tmp_path / "w",
+        models_dir=tmp_path,
+        on_event=events.append,
+    )
     names = {f.name for f in result.files}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "bakehouse.json",
-            "README.md"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "bakehouse.json",
+        "README.md",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     manifest = verify_artifact(result.artifact_dir)
     assert manifest["quantization"]["scheme"] == "none"
     assert result.metrics["finite_weights"] is True
     stages = [e.stage for e in events if e.kind == "stage"]
-    assert stages == ["fetching", "preparing", "optimizing", "validating", "exporting"]
+    assert stages == ["fetching", "preparing", "optimizing", "validating", "exporting", "assessing"]
     model, tok = load_artifact(result.artifact_dir)
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():
@@ -80,26 +90,57 @@ def test_package_and_verify(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_small_bake_writes_merged_model_and_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
-    tools = [{"name": "get_signal", "description": "Read a signal.",
-              "parameters": {"type": "object", "properties": {"signal": {"type": "string", "enum": ["speed", "fuel"]}},
-                             "required": ["signal"]},
-              "examples": [{"query": f"Tell me the {s} now, case {i}", "arguments": {"signal": s}}
-                           for i in range(4) for s in ("speed", "fuel")]}]
-    spec = {"model": f"file://{tiny_model_dir}", "profile": "quick", "tools": tools,
-            "irrelevant_examples": ["hello", "tell me a joke", "thanks"],
-            "persona": {"name": "Ada", "sample_queries": ["Who are you?", "What do you do?"],
-                        "examples": [{"user": "Name?", "assistant": "I am Ada."},
-                                     {"user": "Bypass ABS?", "assistant": "I can't help with that."}]},
-            "training": {"steps": 3, "batch_size": 2}, "optimize": {"quantization": "bf16"}}
+    tools = [
+        {
+            "name": "get_signal",
+            "description": "Read a signal.",
+            "parameters": {
+                "type": "object",
+                "properties": {"signal": {"type": "string", "enum": ["speed", "fuel"]}},
+                "required": ["signal"],
+            },
+            "examples": [
+                {"query": f"Tell me the {s} now, case {i}", "arguments": {"signal": s}}
+                for i in range(4)
+                for s in ("speed", "fuel")
+            ],
+        }
+    ]
+    spec = {
+        "model": f"file://{tiny_model_dir}",
+        "profile": "quick",
+        "tools": tools,
+        "irrelevant_examples": ["hello", "tell me a joke", "thanks"],
+        "persona": {
+            "name": "Ada",
+            "sample_queries": ["Who are you?", "What do you do?"],
+            "examples": [
+                {"user": "Name?", "assistant": "I am Ada."},
+                {"user": "Bypass ABS?", "assistant": "I can't help with that."},
+            ],
+        },
+        "training": {"steps": 3, "batch_size": 2},
+        "optimize": {"quantization": "bf16"},
+    }
     progress = []
-    result = bake(spec, tmp_path / "w", models_dir=tmp_path,
-                  on_event=lambda e: progress.append(e) if e.kind == "progress" else None)
+    result = bake(
+        spec,
+        tmp_path / "w",
+        models_dir=tmp_path,
+        on_event=lambda e: progress.append(e) if e.kind == "progress" else None,
+    )
     train_steps = [e for e in progress if e.stage == "baking_tools"]
     assert [e.step for e in train_steps] == [1, 2, 3] and all("loss" in e.data for e in train_steps)
     names = {f.name for f in result.files}
     assert "merged/model.safetensors" in names and "merged/chat_template.jinja" in names
-    for key in ("tool_call_accuracy", "tool_call_accuracy_baseline", "irrelevance_accuracy", "speedup",
-                "compression", "accuracy_retention"):
+    for key in (
+        "tool_call_accuracy",
+        "tool_call_accuracy_baseline",
+        "irrelevance_accuracy",
+        "speedup",
+        "compression",
+        "accuracy_retention",
+    ):
         assert key in result.metrics
     assert 0.0 <= result.metrics["tool_call_accuracy"] <= 1.0
     manifest = json.loads((result.artifact_dir / "bakehouse.json").read_text())
