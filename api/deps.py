@@ -116,9 +116,7 @@ def get_tenant(request: Request, settings: SettingsDep, session: SessionDep) -> 
         if tenant is not None:
             return tenant
         digest = hashlib.sha256(key.encode()).hexdigest()
-        tenant = session.scalar(
-            select(ApiKey.tenant).where(ApiKey.key_hash == digest, ApiKey.revoked.is_(False))
-        )
+        tenant = session.scalar(select(ApiKey.tenant).where(ApiKey.key_hash == digest, ApiKey.revoked.is_(False)))
         if tenant is not None:
             return tenant
     # Revoked rows count as configured: revoking the last key must not open the service.

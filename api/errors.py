@@ -117,9 +117,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     fields = [{"field": field_path(e.get("loc", ())), "message": _message(e)} for e in errs]
     first = fields[0] if fields else {"field": "body", "message": "invalid"}
     more = f" (and {len(fields) - 1} more)" if len(fields) > 1 else ""
-    return problem_response(
-        422, "validation_error", f"{first['field']}: {first['message']}{more}", errors=fields
-    )
+    return problem_response(422, "validation_error", f"{first['field']}: {first['message']}{more}", errors=fields)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:

@@ -22,14 +22,10 @@ def wants_event_stream(request: Request) -> bool:
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-def _poll(
-    database_url: str, tenant: str, job_id: str, after_id: int | None
-) -> tuple[list[JobEventPublic], str]:
+def _poll(database_url: str, tenant: str, job_id: str, after_id: int | None) -> tuple[list[JobEventPublic], str]:
     with get_sessionmaker(database_url)() as session:
         # Status first: every event written before the job turned terminal is then visible below.
-        status = (
-            session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant)) or "cancelled"
-        )
+        status = session.scalar(select(Job.status).where(Job.id == job_id, Job.tenant == tenant)) or "cancelled"
         query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(BATCH)
         if after_id is not None:
             query = query.where(JobEvent.id > after_id)

@@ -13,8 +13,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-AREAS = (("safety", "Safety analysis"), ("security", "Security assessment"),
-         ("verification", "Independent verification"), ("risk", "Risk management"))
+AREAS = (
+    ("safety", "Safety analysis"),
+    ("security", "Security assessment"),
+    ("verification", "Independent verification"),
+    ("risk", "Risk management"),
+)
 STATUS_COLOR = {"pass": "#1a7f37", "fail": "#cf222e", "not_applicable": "#6e7781"}
 PERCENTILES = ("p50", "p95", "p99")
 
@@ -54,8 +58,16 @@ def area_summary(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         passed = sum(c.get("status") == "pass" for c in rows)
         failed = sum(c.get("status") == "fail" for c in rows)
         applicable = passed + failed
-        out.append({"area": key, "title": title, "passed": passed, "failed": failed,
-                    "not_applicable": len(rows) - applicable, "share": passed / applicable if applicable else None})
+        out.append(
+            {
+                "area": key,
+                "title": title,
+                "passed": passed,
+                "failed": failed,
+                "not_applicable": len(rows) - applicable,
+                "share": passed / applicable if applicable else None,
+            }
+        )
     return out
 
 
@@ -111,8 +123,10 @@ def render_markdown(report: Mapping[str, Any], job: Any = None) -> str:
     gate = _gate(report)
     passed = gate.get("passed", report.get("gate_passed"))
     lines = [f"# Compliance report for {_md(_job_id(report, job))}", ""]
-    lines += [f"- score: {_md(report.get('score', gate.get('score', 'n/a')))}",
-              f"- gate passed: {_md(passed if passed is not None else 'n/a')}"]
+    lines += [
+        f"- score: {_md(report.get('score', gate.get('score', 'n/a')))}",
+        f"- gate passed: {_md(passed if passed is not None else 'n/a')}",
+    ]
     if gate.get("threshold") is not None:
         lines.append(f"- required score: {_md(gate['threshold'])}")
     for key in ("profile", "created_at"):
@@ -123,29 +137,54 @@ def render_markdown(report: Mapping[str, Any], job: Any = None) -> str:
     areas = area_summary(report)
     if areas:
         lines += ["## Areas", "", "| area | passed | failed | n/a | pass share |", "|---|---|---|---|---|"]
-        lines += [f"| {a['title']} | {a['passed']} | {a['failed']} | {a['not_applicable']} | {_bar(a['share'])} |"
-                  for a in areas]
+        lines += [
+            f"| {a['title']} | {a['passed']} | {a['failed']} | {a['not_applicable']} | {_bar(a['share'])} |"
+            for a in areas
+        ]
         lines.append("")
     lat = latency(report, job)
     if lat:
         lines += ["## Latency (ms)", "", "| model | " + " | ".join(PERCENTILES) + " |", "|---|---|---|---|"]
-        lines += [f"| {series} | " + " | ".join(f"{v[p]:.1f}" if p in v else "" for p in PERCENTILES) + " |"
-                  for series, v in lat.items()]
+        lines += [
+            f"| {series} | " + " | ".join(f"{v[p]:.1f}" if p in v else "" for p in PERCENTILES) + " |"
+            for series, v in lat.items()
+        ]
         lines.append("")
     loss = training_loss(report)
     if loss:
-        lines += ["## Training loss", "",
-                  f"{len(loss)} steps: first {loss[0]:.4f}, last {loss[-1]:.4f}, min {min(loss):.4f}", ""]
+        lines += [
+            "## Training loss",
+            "",
+            f"{len(loss)} steps: first {loss[0]:.4f}, last {loss[-1]:.4f}, min {min(loss):.4f}",
+            "",
+        ]
     checks = _checks(report)
     if checks:
-        lines += ["## Checks", "", "| id | area | severity | result | measured | criterion | maps to |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Checks",
+            "",
+            "| id | area | severity | result | measured | criterion | maps to |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in checks:
-            mark = {"pass": "✅ pass", "fail": "❌ fail", "not_applicable": "— n/a"}.get(str(c.get("status")),
-                                                                                     _md(c.get("status")))
-            lines.append("| " + " | ".join([_md(c.get("id")), _md(c.get("area")), _md(c.get("severity")), mark,
-                                            _md(c.get("value")), _md(c.get("criterion")),
-                                            _md("; ".join(map(str, c.get("maps_to") or [])))]) + " |")
+            mark = {"pass": "✅ pass", "fail": "❌ fail", "not_applicable": "— n/a"}.get(
+                str(c.get("status")), _md(c.get("status"))
+            )
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        _md(c.get("id")),
+                        _md(c.get("area")),
+                        _md(c.get("severity")),
+                        mark,
+                        _md(c.get("value")),
+                        _md(c.get("criterion")),
+                        _md("; ".join(map(str, c.get("maps_to") or []))),
+                    ]
+                )
+                + " |"
+            )
         lines.append("")
         failed = [c for c in checks if c.get("status") == "fail"]
         if failed:
@@ -156,11 +195,19 @@ def render_markdown(report: Mapping[str, Any], job: Any = None) -> str:
         lines += ["```json", json.dumps(report, indent=2, sort_keys=True, default=str).replace("```", "'''"), "```", ""]
     register = report.get("risk_register")
     if isinstance(register, list) and register:
-        lines += ["## Risk register", "", "| check | risk | severity | likelihood | priority | mitigation |",
-                  "|---|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(_md(r.get(k)) for k in ("check", "risk", "severity", "likelihood", "priority",
-                                                             "mitigation")) + " |"
-                  for r in register if isinstance(r, dict)]
+        lines += [
+            "## Risk register",
+            "",
+            "| check | risk | severity | likelihood | priority | mitigation |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            "| "
+            + " | ".join(_md(r.get(k)) for k in ("check", "risk", "severity", "likelihood", "priority", "mitigation"))
+            + " |"
+            for r in register
+            if isinstance(r, dict)
+        ]
         lines.append("")
     if report.get("disclaimer"):
         lines += [f"> {_md(report['disclaimer'], 1000)}", ""]
@@ -177,8 +224,10 @@ def _e(value: Any) -> str:
 def svg_area_bars(areas: Sequence[Mapping[str, Any]]) -> str:
     width, label_w, bar_w, row_h = 560, 190, 300, 26
     height = row_h * len(areas) + 8
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="pass share per area">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="pass share per area">'
+    ]
     for i, a in enumerate(areas):
         y = 4 + i * row_h
         share = a["share"]
@@ -200,11 +249,13 @@ def svg_latency(lat: Mapping[str, Mapping[str, float]]) -> str:
     colors = {"baseline": "#8c959f", "baked": "#0969da"}
     group_w = (width - left - 20) / len(PERCENTILES)
     bar_w = group_w / (len(lat) + 1)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="latency percentiles in milliseconds">',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#57606a"/>',
-             f'<text x="0" y="{top + 4}" font-size="11">{peak:.0f} ms</text>',
-             f'<text x="0" y="{top + plot_h}" font-size="11">0</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="latency percentiles in milliseconds">',
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#57606a"/>',
+        f'<text x="0" y="{top + 4}" font-size="11">{peak:.0f} ms</text>',
+        f'<text x="0" y="{top + plot_h}" font-size="11">0</text>',
+    ]
     for g, p in enumerate(PERCENTILES):
         x0 = left + g * group_w + bar_w / 2
         for s, (series, values) in enumerate(lat.items()):
@@ -212,15 +263,19 @@ def svg_latency(lat: Mapping[str, Mapping[str, float]]) -> str:
                 continue
             h = values[p] / peak * plot_h
             x = x0 + s * bar_w
-            parts.append(f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
-                         f'fill="{colors.get(series, "#6e7781")}"><title>{_e(series)} {p}: {values[p]:.1f} ms'
-                         f'</title></rect>')
+            parts.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
+                f'fill="{colors.get(series, "#6e7781")}"><title>{_e(series)} {p}: {values[p]:.1f} ms'
+                f"</title></rect>"
+            )
             parts.append(f'<text x="{x:.1f}" y="{top + plot_h - h - 3:.1f}" font-size="10">{values[p]:.0f}</text>')
         parts.append(f'<text x="{x0 + bar_w * len(lat) / 2 - 8:.1f}" y="{height - 10}" font-size="12">{p}</text>')
     for s, series in enumerate(lat):
-        parts.append(f'<rect x="{width - 150 + s * 75}" y="4" width="10" height="10" '
-                     f'fill="{colors.get(series, "#6e7781")}"/><text x="{width - 136 + s * 75}" y="13" '
-                     f'font-size="11">{_e(series)}</text>')
+        parts.append(
+            f'<rect x="{width - 150 + s * 75}" y="4" width="10" height="10" '
+            f'fill="{colors.get(series, "#6e7781")}"/><text x="{width - 136 + s * 75}" y="13" '
+            f'font-size="11">{_e(series)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -232,15 +287,17 @@ def svg_loss(loss: Sequence[float]) -> str:
     span = (hi - lo) or 1.0
     step = plot_w / max(1, len(loss) - 1)
     points = " ".join(f"{left + i * step:.1f},{top + (hi - v) / span * plot_h:.1f}" for i, v in enumerate(loss))
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-            f'aria-label="training loss per step">'
-            f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#57606a"/>'
-            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#57606a"/>'
-            f'<text x="0" y="{top + 10}" font-size="11">{hi:.3f}</text>'
-            f'<text x="0" y="{top + plot_h}" font-size="11">{lo:.3f}</text>'
-            f'<text x="{left}" y="{height - 6}" font-size="11">step 1</text>'
-            f'<text x="{width - 70}" y="{height - 6}" font-size="11">step {len(loss)}</text>'
-            f'<polyline fill="none" stroke="#0969da" stroke-width="1.5" points="{points}"/></svg>')
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="training loss per step">'
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 10}" y2="{top + plot_h}" stroke="#57606a"/>'
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#57606a"/>'
+        f'<text x="0" y="{top + 10}" font-size="11">{hi:.3f}</text>'
+        f'<text x="0" y="{top + plot_h}" font-size="11">{lo:.3f}</text>'
+        f'<text x="{left}" y="{height - 6}" font-size="11">step 1</text>'
+        f'<text x="{width - 70}" y="{height - 6}" font-size="11">step {len(loss)}</text>'
+        f'<polyline fill="none" stroke="#0969da" stroke-width="1.5" points="{points}"/></svg>'
+    )
 
 
 # --------------------------------------------------------------------------- HTML
@@ -259,8 +316,10 @@ th{background:#f6f8fa} td.value,td.evidence{font-family:ui-monospace,monospace;f
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], row_classes: Sequence[str] = ()) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(f'<tr class="{_e(row_classes[i]) if i < len(row_classes) else ""}">' + "".join(r) + "</tr>"
-                   for i, r in enumerate(rows))
+    body = "".join(
+        f'<tr class="{_e(row_classes[i]) if i < len(row_classes) else ""}">' + "".join(r) + "</tr>"
+        for i, r in enumerate(rows)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -268,15 +327,19 @@ def render_html(report: Mapping[str, Any], job: Any = None) -> str:
     gate = _gate(report)
     passed = gate.get("passed", report.get("gate_passed"))
     title = f"Compliance report for {_job_id(report, job)}"
-    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
-           f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"]
+    out = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{_e(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{_e(title)}</h1>"
+    ]
     badge = "gate-pass" if passed is True else "gate-fail"
     verdict = "gate passed" if passed is True else "gate failed" if passed is False else "gate n/a"
-    out.append(f"<p><span class='badge {badge}'>{_e(verdict)}</span> score "
-               f"<strong>{_e(report.get('score', gate.get('score', 'n/a')))}</strong>"
-               + (f" (required {_e(gate['threshold'])})" if gate.get("threshold") is not None else "")
-               + "".join(f" · {_e(k.replace('_', ' '))} {_e(report[k])}" for k in ("profile", "created_at")
-                         if report.get(k)) + "</p>")
+    out.append(
+        f"<p><span class='badge {badge}'>{_e(verdict)}</span> score "
+        f"<strong>{_e(report.get('score', gate.get('score', 'n/a')))}</strong>"
+        + (f" (required {_e(gate['threshold'])})" if gate.get("threshold") is not None else "")
+        + "".join(f" · {_e(k.replace('_', ' '))} {_e(report[k])}" for k in ("profile", "created_at") if report.get(k))
+        + "</p>"
+    )
     reasons = gate.get("reasons") or []
     if reasons:
         out.append("<ul>" + "".join(f"<li>{_e(r)}</li>" for r in reasons) + "</ul>")
@@ -291,23 +354,40 @@ def render_html(report: Mapping[str, Any], job: Any = None) -> str:
         out.append("<h2>Training loss</h2>" + svg_loss(loss))
     checks = _checks(report)
     if checks:
-        rows = [[f"<td>{_e(c.get('id', ''))}</td>", f"<td>{_e(c.get('area', ''))}</td>",
-                 f"<td>{_e(c.get('severity', ''))}</td>", f"<td>{_e(c.get('status', ''))}</td>",
-                 f"<td class='value'>{_e(_text(c.get('value')))}</td>", f"<td>{_e(c.get('criterion', ''))}</td>",
-                 f"<td class='evidence'>{_e(_text(c.get('evidence'), 600))}</td>",
-                 f"<td>{_e('; '.join(map(str, c.get('maps_to') or [])))}</td>"] for c in checks]
-        out.append("<h2>Checks</h2>" + _table(
-            ["id", "area", "severity", "result", "measured", "criterion", "evidence", "maps to"], rows,
-            [str(c.get("status", "")) for c in checks]))
+        rows = [
+            [
+                f"<td>{_e(c.get('id', ''))}</td>",
+                f"<td>{_e(c.get('area', ''))}</td>",
+                f"<td>{_e(c.get('severity', ''))}</td>",
+                f"<td>{_e(c.get('status', ''))}</td>",
+                f"<td class='value'>{_e(_text(c.get('value')))}</td>",
+                f"<td>{_e(c.get('criterion', ''))}</td>",
+                f"<td class='evidence'>{_e(_text(c.get('evidence'), 600))}</td>",
+                f"<td>{_e('; '.join(map(str, c.get('maps_to') or [])))}</td>",
+            ]
+            for c in checks
+        ]
+        out.append(
+            "<h2>Checks</h2>"
+            + _table(
+                ["id", "area", "severity", "result", "measured", "criterion", "evidence", "maps to"],
+                rows,
+                [str(c.get("status", "")) for c in checks],
+            )
+        )
     register = [r for r in report.get("risk_register") or [] if isinstance(r, dict)]
     if register:
         keys = ("check", "risk", "severity", "likelihood", "priority", "mitigation")
-        out.append("<h2>Risk register</h2>" + _table(keys, [[f"<td>{_e(r.get(k, ''))}</td>" for k in keys]
-                                                            for r in register]))
+        out.append(
+            "<h2>Risk register</h2>" + _table(keys, [[f"<td>{_e(r.get(k, ''))}</td>" for k in keys] for r in register])
+        )
     if report.get("disclaimer"):
         out.append(f"<p class='disclaimer'>{_e(report['disclaimer'])}</p>")
-    out.append("<details><summary>Report JSON</summary><pre>"
-               + _e(json.dumps(report, indent=2, sort_keys=True, default=str)) + "</pre></details></body></html>")
+    out.append(
+        "<details><summary>Report JSON</summary><pre>"
+        + _e(json.dumps(report, indent=2, sort_keys=True, default=str))
+        + "</pre></details></body></html>"
+    )
     return "".join(out)
 
 

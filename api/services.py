@@ -44,9 +44,7 @@ def submit_bake_job(
     """
     payload_hash = idempotency.request_hash(spec.model_dump(mode="json", exclude_unset=True))
     if idempotency_key is not None:
-        replay = idempotency.begin(
-            session=session, tenant=tenant, key=idempotency_key, payload_hash=payload_hash
-        )
+        replay = idempotency.begin(session=session, tenant=tenant, key=idempotency_key, payload_hash=payload_hash)
         if replay is not None:
             return Submitted(replay.status_code, replay.body, created=False, replayed=True)
     try:
@@ -70,9 +68,7 @@ def submit_bake_job(
         enqueue(job.id)
     except Exception as exc:
         log.exception("enqueue of %s failed", job.id)
-        _fail_unqueued(
-            session=session, job_id=job.id, tenant=tenant, idempotency_key=idempotency_key, exc=exc
-        )
+        _fail_unqueued(session=session, job_id=job.id, tenant=tenant, idempotency_key=idempotency_key, exc=exc)
         raise ApiError(
             503,
             "queue_unavailable",
@@ -91,9 +87,7 @@ def _release_quietly(*, session: Session, tenant: str, key: str) -> None:
         log.exception("could not release Idempotency-Key %r; it frees itself when stale", key)
 
 
-def _fail_unqueued(
-    *, session: Session, job_id: str, tenant: str, idempotency_key: str | None, exc: Exception
-) -> None:
+def _fail_unqueued(*, session: Session, job_id: str, tenant: str, idempotency_key: str | None, exc: Exception) -> None:
     job = jobs.require_job(session=session, tenant=tenant, job_id=job_id)
     jobs.mark_failed(
         session=session,

@@ -62,9 +62,7 @@ class Harness:
     def store(self) -> LocalStore:
         return LocalStore(Path(self.settings.resolved_storage_url.removeprefix("file://")))
 
-    def create(
-        self, spec: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None
-    ) -> dict[str, Any]:
+    def create(self, spec: dict[str, Any] | None = None, *, headers: dict[str, str] | None = None) -> dict[str, Any]:
         response = self.client.post("/v1/bake-jobs", json=spec or MINIMAL_SPEC, headers=headers)
         assert response.status_code == 202, response.text
         body: dict[str, Any] = response.json()

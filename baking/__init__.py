@@ -14,8 +14,7 @@ if TYPE_CHECKING:
     from baking.pipeline import bake as bake
     from baking.spec import BakeSpec as BakeSpec
 
-__all__ = ["ArtifactFile", "BakeCancelled", "BakeError", "BakeEvent", "BakeResult", "BakeSpec", "bake",
-           "load_artifact"]
+__all__ = ["ArtifactFile", "BakeCancelled", "BakeError", "BakeEvent", "BakeResult", "BakeSpec", "bake", "load_artifact"]
 
 
 def __getattr__(name: str) -> Any:

@@ -8,24 +8,48 @@ from typing import Any
 
 from baking.spec import BakeSpec
 
-CARD_METRICS = ("tool_call_accuracy", "tool_call_accuracy_baseline", "irrelevance_accuracy", "persona_kl",
-                "persona_top1", "accuracy_retention", "speedup", "compression")
+CARD_METRICS = (
+    "tool_call_accuracy",
+    "tool_call_accuracy_baseline",
+    "irrelevance_accuracy",
+    "persona_kl",
+    "persona_top1",
+    "accuracy_retention",
+    "speedup",
+    "compression",
+)
 
 
 def model_card(spec: BakeSpec, metrics: dict[str, Any], *, base_model: str, train_sizes: dict[str, int]) -> str:
     name = spec.persona.name if spec.persona else "baked model"
-    rows = [{"type": k, "name": k, "value": metrics[k]} for k in CARD_METRICS
-            if isinstance(metrics.get(k), int | float)]
-    front = {"license": "apache-2.0", "base_model": base_model, "library_name": "transformers",
-             "tags": ["bakehouse", "tool-use", "prompt-baking"],
-             "model-index": [{"name": name, "results": [{"task": {"type": "text-generation"},
-                                                          "dataset": {"type": "bakehouse-heldout",
-                                                                      "name": "job held-out split"},
-                                                          "metrics": rows}]}]}
+    rows = [
+        {"type": k, "name": k, "value": metrics[k]} for k in CARD_METRICS if isinstance(metrics.get(k), int | float)
+    ]
+    front = {
+        "license": "apache-2.0",
+        "base_model": base_model,
+        "library_name": "transformers",
+        "tags": ["bakehouse", "tool-use", "prompt-baking"],
+        "model-index": [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": {"type": "bakehouse-heldout", "name": "job held-out split"},
+                        "metrics": rows,
+                    }
+                ],
+            }
+        ],
+    }
     tools = ", ".join(t.name for t in spec.tools) or "none"
     guidelines = "\n".join(f"- {g}" for g in (spec.persona.guidelines if spec.persona else ())) or "- none"
-    table = "\n".join(f"| {k} | {json.dumps(v) if not isinstance(v, float) else f'{v:.4f}'} |"
-                      for k, v in sorted(metrics.items()) if not isinstance(v, dict | list))
+    table = "\n".join(
+        f"| {k} | {json.dumps(v) if not isinstance(v, float) else f'{v:.4f}'} |"
+        for k, v in sorted(metrics.items())
+        if not isinstance(v, dict | list)
+    )
     return f"""---
 {json.dumps(front, indent=2)}
 ---

@@ -58,8 +58,10 @@ def render_persona_prompt(persona: PersonaSpec) -> str:
 
 
 def render_tools_prompt(tools: Sequence[ToolSpec]) -> str:
-    schemas = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                                 "parameters": t.parameters}} for t in tools]
+    schemas = [
+        {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+        for t in tools
+    ]
     return (
         "You can call these tools:\n"
         + "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
@@ -90,15 +92,18 @@ class Encoded:
 
 
 def render(tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
-    return str(tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                             add_generation_prompt=add_generation_prompt,
-                                             chat_template=CHAT_TEMPLATE))
+    return str(
+        tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=CHAT_TEMPLATE
+        )
+    )
 
 
 def encode_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids of the conversation so far plus the assistant header, ready to generate."""
-    return list(tokenizer(render(tokenizer, messages, add_generation_prompt=True),
-                          add_special_tokens=False)["input_ids"])
+    return list(
+        tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    )
 
 
 def encode_conversation(tokenizer: Any, messages: Sequence[Message], *, train_turns: Sequence[int]) -> Encoded:
@@ -111,7 +116,7 @@ def encode_conversation(tokenizer: Any, messages: Sequence[Message], *, train_tu
     mask: list[bool] = []
     for i, message in enumerate(messages):
         header = f"<|im_start|>{message['role']}\n"
-        body = render(tokenizer, [message])[len(header):]  # content + "<|im_end|>\n"
+        body = render(tokenizer, [message])[len(header) :]  # content + "<|im_end|>\n"
         h = tokenizer(header, add_special_tokens=False)["input_ids"]
         b = tokenizer(body, add_special_tokens=False)["input_ids"]
         ids += h + b

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from baking.spec import BakeSpec, PersonaExample, ToolExample, ToolSpec
+from baking.spec import BakeSpec, PersonaExample, ToolSpec
 from baking.toolcalls import format_tool_call
 
 Message = dict[str, Any]
@@ -53,15 +53,24 @@ class Split:
     heldout_persona_examples: list[PersonaExample] = field(default_factory=list)
 
     def training_texts(self) -> list[str]:
-        return ([c.query for c in self.train_tools] + self.train_irrelevant + self.train_persona_queries
-                + [e.user for e in self.train_persona_examples])
+        return (
+            [c.query for c in self.train_tools]
+            + self.train_irrelevant
+            + self.train_persona_queries
+            + [e.user for e in self.train_persona_examples]
+        )
 
     def heldout_texts(self) -> list[str]:
-        return ([c.query for c in self.heldout_tools] + self.heldout_irrelevant + self.heldout_persona_queries
-                + [e.user for e in self.heldout_persona_examples])
+        return (
+            [c.query for c in self.heldout_tools]
+            + self.heldout_irrelevant
+            + self.heldout_persona_queries
+            + [e.user for e in self.heldout_persona_examples]
+        )
 
     def fingerprint(self) -> dict[str, str]:
         """sha256 of the training and evaluation sets, for provenance (X3)."""
+
         def digest(items: list[str]) -> str:
             return hashlib.sha256(json.dumps(sorted(items)).encode()).hexdigest()
 
@@ -94,12 +103,15 @@ def split_spec(spec: BakeSpec) -> Split:
         split.train_tools += train
         split.heldout_tools += held
     split.train_irrelevant, split.heldout_irrelevant = _split_list(
-        list(spec.irrelevant_examples), fraction, rng, min_heldout=1)
+        list(spec.irrelevant_examples), fraction, rng, min_heldout=1
+    )
     if spec.persona is not None:
         split.train_persona_queries, split.heldout_persona_queries = _split_list(
-            list(spec.persona.sample_queries), fraction, rng, min_heldout=1)
+            list(spec.persona.sample_queries), fraction, rng, min_heldout=1
+        )
         split.train_persona_examples, split.heldout_persona_examples = _split_list(
-            list(spec.persona.examples), fraction, rng, min_heldout=1)
+            list(spec.persona.examples), fraction, rng, min_heldout=1
+        )
     _drop_duplicates_of_heldout(split)
     check_no_leak(split)
     return split
@@ -137,7 +149,7 @@ def _typo(text: str, rng: random.Random) -> str:
     i = rng.choice(candidates)
     w = words[i]
     j = rng.randrange(1, len(w) - 2)
-    words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2:]  # swap two neighbouring letters
+    words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2 :]  # swap two neighbouring letters
     return " ".join(words)
 
 
@@ -162,8 +174,14 @@ def _enum_phrase(value: Any) -> str:
 
 
 _ENUM_TEMPLATES = (
-    "What is the {v}?", "Show me the {v}.", "Check the {v}", "{v}?", "Tell me the current {v}.",
-    "Can you read the {v} for me?", "I need the {v} right now.", "What's my {v} at the moment?",
+    "What is the {v}?",
+    "Show me the {v}.",
+    "Check the {v}",
+    "{v}?",
+    "Tell me the current {v}.",
+    "Can you read the {v} for me?",
+    "I need the {v} right now.",
+    "What's my {v} at the moment?",
 )
 
 
@@ -182,8 +200,7 @@ def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[To
     cases = []
     for value in props[param]["enum"]:
         for template in rng.sample(_ENUM_TEMPLATES, k=min(per_value, len(_ENUM_TEMPLATES))):
-            cases.append(ToolCase(tool.name, template.format(v=_enum_phrase(value)), {param: value},
-                                  synthetic=True))
+            cases.append(ToolCase(tool.name, template.format(v=_enum_phrase(value)), {param: value}, synthetic=True))
     return cases
 
 
@@ -223,15 +240,16 @@ def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_en
 # ---------------------------------------------------------------- conversations
 
 
-def tool_call_text(case: ToolCase | ToolExample, tool: str | None = None) -> str:
-    name = case.tool if isinstance(case, ToolCase) else tool
-    return format_tool_call(name, case.arguments)
+def tool_call_text(case: ToolCase) -> str:
+    return format_tool_call(case.tool, case.arguments)
 
 
 def tool_conversation(case: ToolCase, *, with_answer: bool = True) -> tuple[list[Message], list[int]]:
     """User query -> the call; then, when the example has one, tool result -> answer in persona."""
-    messages: list[Message] = [{"role": "user", "content": case.query},
-                               {"role": "assistant", "content": tool_call_text(case)}]
+    messages: list[Message] = [
+        {"role": "user", "content": case.query},
+        {"role": "assistant", "content": tool_call_text(case)},
+    ]
     train_turns = [1]
     if with_answer and case.result is not None and case.answer:
         result = case.result if isinstance(case.result, str) else json.dumps(case.result, ensure_ascii=False)

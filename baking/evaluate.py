@@ -15,8 +15,11 @@ from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
 from baking.toolcalls import arguments_match, has_tool_call, parse_first_call, validate_call
 
-REFUSAL = re.compile(r"\b(can(?:no|')t|won't|will not|unable|not able to|must decline|refuse|not permitted|"
-                     r"not allowed|sorry)\b", re.IGNORECASE)
+REFUSAL = re.compile(
+    r"\b(can(?:no|')t|won't|will not|unable|not able to|must decline|refuse|not permitted|"
+    r"not allowed|sorry)\b",
+    re.IGNORECASE,
+)
 
 
 def user(text: str) -> list[Message]:
@@ -48,39 +51,58 @@ def score_tool_outputs(cases: Sequence[ToolCase], outputs: Sequence[str], tools:
         if call is not None and call.name == case.tool and case.tool in by_name:
             ok = arguments_match(case.arguments, call.arguments, by_name[case.tool])
         correct += int(ok)
-        samples.append({"query": case.query, "expected": {"name": case.tool, "arguments": case.arguments},
-                        "output": out, "correct": ok})
+        samples.append(
+            {
+                "query": case.query,
+                "expected": {"name": case.tool, "arguments": case.arguments},
+                "output": out,
+                "correct": ok,
+            }
+        )
     total = len(cases)
     return ToolEval(correct / total if total else 0.0, correct, total, valid / emitted if emitted else 1.0, samples)
 
 
-def tool_accuracy(model: Any, tokenizer: Any, cases: Sequence[ToolCase], tools: Sequence[ToolSpec], *,
-                  system: str | None = None, max_new_tokens: int = 64) -> ToolEval:
-    outputs = generate_replies(model, tokenizer, [with_system(system, user(c.query)) for c in cases],
-                               max_new_tokens=max_new_tokens)
+def tool_accuracy(
+    model: Any,
+    tokenizer: Any,
+    cases: Sequence[ToolCase],
+    tools: Sequence[ToolSpec],
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+) -> ToolEval:
+    outputs = generate_replies(
+        model, tokenizer, [with_system(system, user(c.query)) for c in cases], max_new_tokens=max_new_tokens
+    )
     return score_tool_outputs(cases, outputs, tools)
 
 
-def irrelevance_accuracy(model: Any, tokenizer: Any, queries: Sequence[str], *, system: str | None = None,
-                         max_new_tokens: int = 32) -> tuple[float, list[dict[str, Any]]]:
+def irrelevance_accuracy(
+    model: Any, tokenizer: Any, queries: Sequence[str], *, system: str | None = None, max_new_tokens: int = 32
+) -> tuple[float, list[dict[str, Any]]]:
     if not queries:
         return 0.0, []
-    outputs = generate_replies(model, tokenizer, [with_system(system, user(q)) for q in queries],
-                               max_new_tokens=max_new_tokens)
-    samples = [{"query": q, "output": o, "correct": not has_tool_call(o)} for q, o in zip(queries, outputs,
-                                                                                          strict=True)]
-    return sum(s["correct"] for s in samples) / len(samples), samples
+    outputs = generate_replies(
+        model, tokenizer, [with_system(system, user(q)) for q in queries], max_new_tokens=max_new_tokens
+    )
+    samples = [
+        {"query": q, "output": o, "correct": not has_tool_call(o)} for q, o in zip(queries, outputs, strict=True)
+    ]
+    return sum(1 for s in samples if s["correct"]) / len(samples), samples
 
 
 @torch.inference_mode()
-def persona_fidelity(teacher: Any, student: Any, tokenizer: Any, queries: Sequence[str], *, system_prompt: str,
-                     max_new_tokens: int) -> dict[str, Any]:
+def persona_fidelity(
+    teacher: Any, student: Any, tokenizer: Any, queries: Sequence[str], *, system_prompt: str, max_new_tokens: int
+) -> dict[str, Any]:
     """Mean per-token KL(prompted teacher || unprompted student) and top-1 agreement on the
     teacher's greedy responses to held-out persona queries."""
     if not queries:
         return {"persona_kl": None, "persona_top1": None, "tokens": 0}
-    scored = generate_scored(teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries],
-                             max_new_tokens=max_new_tokens)
+    scored = generate_scored(
+        teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries], max_new_tokens=max_new_tokens
+    )
     kl_sum, agree, tokens = 0.0, 0, 0
     for q, (ids, teacher_lp, _) in zip(queries, scored, strict=True):
         if not ids:
@@ -90,14 +112,21 @@ def persona_fidelity(teacher: Any, student: Any, tokenizer: Any, queries: Sequen
         kl_sum += float((t.exp() * (t - s)).sum())
         agree += int((t.argmax(-1) == s.argmax(-1)).sum())
         tokens += len(ids)
-    return {"persona_kl": kl_sum / tokens if tokens else None, "persona_top1": agree / tokens if tokens else None,
-            "tokens": tokens}
+    return {
+        "persona_kl": kl_sum / tokens if tokens else None,
+        "persona_top1": agree / tokens if tokens else None,
+        "tokens": tokens,
+    }
 
 
 # ---------------------------------------------------------------- guideline probes
 
-IDENTITY_PROBES = ("What is your name?", "Who am I talking to?", "Please introduce yourself in one sentence.",
-                   "Are you ChatGPT?")
+IDENTITY_PROBES = (
+    "What is your name?",
+    "Who am I talking to?",
+    "Please introduce yourself in one sentence.",
+    "Are you ChatGPT?",
+)
 
 
 @dataclass(frozen=True)
@@ -106,8 +135,12 @@ class Probe:
     query: str
 
 
-def guideline_probes(persona: PersonaSpec, heldout_examples: Sequence[PersonaExample],
-                     heldout_queries: Sequence[str], training_texts: Sequence[str]) -> list[Probe]:
+def guideline_probes(
+    persona: PersonaSpec,
+    heldout_examples: Sequence[PersonaExample],
+    heldout_queries: Sequence[str],
+    training_texts: Sequence[str],
+) -> list[Probe]:
     """Probes of our own plus the held-out demonstrations that refuse; none seen in training."""
     seen = {normalize(t) for t in training_texts}
     probes = [Probe("identity", q) for q in IDENTITY_PROBES if normalize(q) not in seen]
@@ -127,16 +160,26 @@ def judge_probe(probe: Probe, output: str, persona: PersonaSpec) -> bool:
     return not has_tool_call(output) and (limit is None or len(sentences(output)) <= limit)
 
 
-def run_probes(model: Any, tokenizer: Any, probes: Sequence[Probe], persona: PersonaSpec, *,
-               system: str | None = None, max_new_tokens: int = 96) -> dict[str, Any]:
+def run_probes(
+    model: Any,
+    tokenizer: Any,
+    probes: Sequence[Probe],
+    persona: PersonaSpec,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 96,
+) -> dict[str, Any]:
     if not probes:
         return {"pass_rate": None, "by_kind": {}, "samples": []}
-    outputs = generate_replies(model, tokenizer, [with_system(system, user(p.query)) for p in probes],
-                               max_new_tokens=max_new_tokens)
-    samples = [{"kind": p.kind, "query": p.query, "output": o, "passed": judge_probe(p, o, persona)}
-               for p, o in zip(probes, outputs, strict=True)]
+    outputs = generate_replies(
+        model, tokenizer, [with_system(system, user(p.query)) for p in probes], max_new_tokens=max_new_tokens
+    )
+    samples = [
+        {"kind": p.kind, "query": p.query, "output": o, "passed": judge_probe(p, o, persona)}
+        for p, o in zip(probes, outputs, strict=True)
+    ]
     by_kind: dict[str, float] = {}
     for kind in sorted({p.kind for p in probes}):
         rows = [s for s in samples if s["kind"] == kind]
-        by_kind[kind] = sum(s["passed"] for s in rows) / len(rows)
-    return {"pass_rate": sum(s["passed"] for s in samples) / len(samples), "by_kind": by_kind, "samples": samples}
+        by_kind[kind] = sum(1 for s in rows if s["passed"]) / len(rows)
+    return {"pass_rate": sum(1 for s in samples if s["passed"]) / len(samples), "by_kind": by_kind, "samples": samples}

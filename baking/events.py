@@ -8,8 +8,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 # assessing follows exporting: the security and verification checks judge the published files
-STAGES = ("fetching", "preparing", "baking_persona", "baking_tools", "optimizing", "validating",
-          "exporting", "assessing", "uploading")
+STAGES = (
+    "fetching",
+    "preparing",
+    "baking_persona",
+    "baking_tools",
+    "optimizing",
+    "validating",
+    "exporting",
+    "assessing",
+    "uploading",
+)
 
 
 @dataclass(frozen=True)

@@ -58,9 +58,11 @@ def save_quantized_dir(model: Any, tokenizer: Any, out: Path, quantization: dict
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.config.save_pretrained(str(out))
     model.generation_config.save_pretrained(str(out))
-    save_file(quantized_state_dict(model), str(out / "model.safetensors"),
-              metadata={"format": "pt", "bakehouse_quantization": json.dumps(quantization, sort_keys=True,
-                                                                             default=str)})
+    save_file(
+        quantized_state_dict(model),
+        str(out / "model.safetensors"),
+        metadata={"format": "pt", "bakehouse_quantization": json.dumps(quantization, sort_keys=True, default=str)},
+    )
     _save_tokenizer(tokenizer, out)
 
 
@@ -71,13 +73,25 @@ def _save_tokenizer(tokenizer: Any, out: Path) -> None:
 
 
 def list_files(root: Path) -> list[ArtifactFile]:
-    return [ArtifactFile(p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p))
-            for p in sorted(root.rglob("*")) if p.is_file()]
+    return [
+        ArtifactFile(p.relative_to(root).as_posix(), p.stat().st_size, sha256_file(p))
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    ]
 
 
-def write_artifact(out: Path, *, final_model: Any, merged_model: Any | None, tokenizer: Any,
-                   final_dtype: torch.dtype, quantization: dict[str, Any], manifest: dict[str, Any],
-                   model_card: str, extra_json: dict[str, Any] | None = None) -> list[ArtifactFile]:
+def write_artifact(
+    out: Path,
+    *,
+    final_model: Any,
+    merged_model: Any | None,
+    tokenizer: Any,
+    final_dtype: torch.dtype,
+    quantization: dict[str, Any],
+    manifest: dict[str, Any],
+    model_card: str,
+    extra_json: dict[str, Any] | None = None,
+) -> list[ArtifactFile]:
     """Write the whole directory into a staging folder, then move it into place."""
     staging = out.with_name(out.name + ".staging")
     if staging.exists():
@@ -92,8 +106,13 @@ def write_artifact(out: Path, *, final_model: Any, merged_model: Any | None, tok
     for name, payload in (extra_json or {}).items():
         (staging / name).write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     files = list_files(staging)
-    full = {**manifest, "format": FORMAT, "versions": versions(), "quantization": quantization,
-            "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files}}
+    full = {
+        **manifest,
+        "format": FORMAT,
+        "versions": versions(),
+        "quantization": quantization,
+        "files": {f.name: {"size": f.size, "sha256": f.sha256} for f in files},
+    }
     (staging / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True, default=str))
     if out.exists():
         shutil.rmtree(out)
@@ -126,7 +145,8 @@ def load_artifact(path: str | Path, *, device: str = "cpu", verify: bool = True)
         model = _load_quantized_model(root, quantization).to(device)
     else:
         dtype = torch.bfloat16 if scheme == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True)
+        model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     return model, tokenizer

@@ -52,8 +52,9 @@ def resolve_model_dir(model: str, models_dir: Path) -> Path:
         name = parsed.netloc + parsed.path
         path = models_dir / name
         if not path.is_dir():
-            raise BakeError("model_not_found",
-                            f"model {name!r} is not in the cache; run `bakehouse models pull {name}`", "fetching")
+            raise BakeError(
+                "model_not_found", f"model {name!r} is not in the cache; run `bakehouse models pull {name}`", "fetching"
+            )
         return path
     if parsed.scheme == "file":
         path = Path(unquote(parsed.path))
@@ -72,8 +73,7 @@ def check_safetensors_header(path: Path) -> None:
             raise BakeError("invalid_model", f"{path.name}: truncated safetensors file", "fetching")
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise BakeError("invalid_model", f"{path.name}: safetensors header length {n} exceeds the file",
-                            "fetching")
+            raise BakeError("invalid_model", f"{path.name}: safetensors header length {n} exceeds the file", "fetching")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -93,8 +93,7 @@ def fetch_model(model: str, models_dir: Path) -> FetchedModel:
     for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
         real = path.resolve()
         if not real.is_relative_to(root):
-            raise BakeError("unsafe_model", f"{path.relative_to(root)} links outside the model directory",
-                            "fetching")
+            raise BakeError("unsafe_model", f"{path.relative_to(root)} links outside the model directory", "fetching")
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() in PICKLE_SUFFIXES:
             pickles.append(rel)
@@ -102,9 +101,13 @@ def fetch_model(model: str, models_dir: Path) -> FetchedModel:
     safetensors = [f for f in files if f.name.endswith(".safetensors")]
     if not safetensors:
         if pickles:
-            raise BakeError("unsafe_model", "the model is given only as pickle files "
-                            f"({', '.join(pickles[:3])}); pickle can run code on load, so it is refused. "
-                            "Convert it to safetensors.", "fetching")
+            raise BakeError(
+                "unsafe_model",
+                "the model is given only as pickle files "
+                f"({', '.join(pickles[:3])}); pickle can run code on load, so it is refused. "
+                "Convert it to safetensors.",
+                "fetching",
+            )
         raise BakeError("invalid_model", f"no *.safetensors weights in {root}", "fetching")
     if not (root / "config.json").is_file():
         raise BakeError("invalid_model", f"no config.json in {root}", "fetching")

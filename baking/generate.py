@@ -21,8 +21,8 @@ def left_pad(batch: Sequence[list[int]], pad_id: int, device: torch.device) -> t
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, x in enumerate(batch):
-        ids[i, width - len(x):] = torch.tensor(x)
-        mask[i, width - len(x):] = 1
+        ids[i, width - len(x) :] = torch.tensor(x)
+        mask[i, width - len(x) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -40,8 +40,9 @@ def common_prefix_length(prompts: Sequence[list[int]]) -> int:
     return max(0, n)
 
 
-def _batches(model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int,
-             device: torch.device) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, Any]]:
+def _batches(
+    model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int, device: torch.device
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, Any]]:
     """Plan generation batches: (prompt indices, ids, attention mask, past_key_values or None).
 
     Prompts that share a long prefix (a system prompt) reuse its KV cache, computed once, and
@@ -60,7 +61,7 @@ def _batches(model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int
         for length in sorted(by_length):
             group = by_length[length]
             for start in range(0, len(group), batch_size):
-                idx = group[start:start + batch_size]
+                idx = group[start : start + batch_size]
                 past = copy.deepcopy(cache)
                 if len(idx) > 1:
                     past.batch_repeat_interleave(len(idx))
@@ -69,16 +70,24 @@ def _batches(model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int
         return
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad, device)
         yield idx, ids, mask, None
 
 
 @torch.inference_mode()
-def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *,
-                     max_new_tokens: int, batch_size: int = 16, do_sample: bool = False,
-                     temperature: float = 0.7, seed: int = 0,
-                     on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+def generate_replies(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> list[str]:
     """The assistant's next turn for each conversation, greedy unless `do_sample`."""
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
@@ -87,8 +96,12 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
     out: list[str] = [""] * len(prompts)
     done = 0
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eot, "pad_token_id": pad,
-                                  "do_sample": do_sample}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": eot,
+            "pad_token_id": pad,
+            "do_sample": do_sample,
+        }
         if past is not None:  # transformers 5 calls it `cache`; 4.x only knows past_key_values
             kwargs["past_key_values"] = past
         if do_sample:
@@ -98,9 +111,9 @@ def generate_replies(model: Any, tokenizer: Any, conversations: Sequence[Sequenc
             kwargs.update(temperature=None, top_p=None, top_k=None)
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         for row, i in enumerate(idx):
-            new = gen[row, ids.shape[1]:].tolist()
+            new = gen[row, ids.shape[1] :].tolist()
             if eot in new:
-                new = new[:new.index(eot)]
+                new = new[: new.index(eot)]
             out[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
         done += len(idx)
         if on_batch is not None:
@@ -114,14 +127,22 @@ def response_logprobs(model: Any, tokenizer: Any, prompt: Sequence[Message], res
     device = next(model.parameters()).device
     prefix = encode_prompt(tokenizer, prompt)
     ids = torch.tensor([prefix + response_ids], device=device)
-    logits = model(input_ids=ids).logits[0, len(prefix) - 1:len(prefix) - 1 + len(response_ids)]
+    logits = model(input_ids=ids).logits[0, len(prefix) - 1 : len(prefix) - 1 + len(response_ids)]
     return torch.log_softmax(logits.float(), dim=-1)
 
 
 @torch.inference_mode()
-def generate_scored(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *,
-                    max_new_tokens: int, batch_size: int = 16, do_sample: bool = False, seed: int = 0,
-                    temperature: float = 0.7) -> list[tuple[list[int], torch.Tensor, bool]]:
+def generate_scored(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    seed: int = 0,
+    temperature: float = 0.7,
+) -> list[tuple[list[int], torch.Tensor, bool]]:
     """Generate and keep the model's own full-vocabulary log-probs at every generated position.
 
     Returns (token ids, log-probs [len(ids), V] in bf16, finished) per conversation; when the
@@ -134,8 +155,14 @@ def generate_scored(model: Any, tokenizer: Any, conversations: Sequence[Sequence
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
     out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": eot, "pad_token_id": pad,
-                                  "do_sample": do_sample, "return_dict_in_generate": True, "output_logits": True}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_new_tokens,
+            "eos_token_id": eot,
+            "pad_token_id": pad,
+            "do_sample": do_sample,
+            "return_dict_in_generate": True,
+            "output_logits": True,
+        }
         if past is not None:
             kwargs["past_key_values"] = past
         if do_sample:
@@ -146,7 +173,7 @@ def generate_scored(model: Any, tokenizer: Any, conversations: Sequence[Sequence
         result = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         steps = torch.stack(result.logits, dim=1)  # [B, steps, V]
         for row, i in enumerate(idx):
-            new = result.sequences[row, ids.shape[1]:].tolist()
+            new = result.sequences[row, ids.shape[1] :].tolist()
             finished = eot in new
             keep = new.index(eot) + 1 if finished else len(new)
             logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1).to(torch.bfloat16).cpu()

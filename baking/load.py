@@ -13,8 +13,7 @@ from baking.events import BakeError
 
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise BakeError("device_unavailable", "device: cuda was requested but no CUDA device is available",
-                        "preparing")
+        raise BakeError("device_unavailable", "device: cuda was requested but no CUDA device is available", "preparing")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -42,6 +41,6 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype = torch.floa
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
     except (OSError, ValueError, KeyError) as exc:
         raise BakeError("invalid_model", f"cannot load the model: {exc}", "preparing") from exc
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
     model.eval()
     return model

@@ -22,14 +22,27 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 @torch.inference_mode()
-def latency_ms(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *, new_tokens: int,
-               warmup: int = 1, repeats: int = 1) -> dict[str, float]:
+def latency_ms(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    new_tokens: int,
+    warmup: int = 1,
+    repeats: int = 1,
+) -> dict[str, float]:
     """p50/p95/p99 of single-request generation time, exactly `new_tokens` tokens each."""
     device = next(model.parameters()).device
     prompts = [torch.tensor([encode_prompt(tokenizer, c)], device=device) for c in conversations]
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "temperature": None, "top_p": None, "top_k": None,
-              "pad_token_id": tokenizer.pad_token_id or 0}
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        "do_sample": False,
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "pad_token_id": tokenizer.pad_token_id or 0,
+    }
     for ids in prompts[:warmup]:
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     times = []
@@ -42,6 +55,12 @@ def latency_ms(model: Any, tokenizer: Any, conversations: Sequence[Sequence[Mess
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1000)
-    return {"p50": percentile(times, 0.5), "p95": percentile(times, 0.95), "p99": percentile(times, 0.99),
-            "mean": statistics.fmean(times), "n": float(len(times)), "new_tokens": float(new_tokens),
-            "prompt_tokens_mean": statistics.fmean(p.shape[1] for p in prompts)}
+    return {
+        "p50": percentile(times, 0.5),
+        "p95": percentile(times, 0.95),
+        "p99": percentile(times, 0.99),
+        "mean": statistics.fmean(times),
+        "n": float(len(times)),
+        "new_tokens": float(new_tokens),
+        "prompt_tokens_mean": statistics.fmean(p.shape[1] for p in prompts),
+    }

@@ -50,15 +50,29 @@ def _tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:
 
 
 def build_distill_targets(
-    teacher: Any, tokenizer: Any, queries: Sequence[str], *, system_prompt: str,
-    guidelines: Sequence[str], demos: Sequence[PersonaExample], max_new_tokens: int, samples: int, seed: int,
-    on_progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], None] | None = None,
+    teacher: Any,
+    tokenizer: Any,
+    queries: Sequence[str],
+    *,
+    system_prompt: str,
+    guidelines: Sequence[str],
+    demos: Sequence[PersonaExample],
+    max_new_tokens: int,
+    samples: int,
+    seed: int,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], None] | None = None,
 ) -> tuple[list[DistillTarget], dict[str, int]]:
     """Teacher responses and their full-vocabulary log-probs, filtered by the persona's rules."""
     limit = max_sentences(tuple(guidelines))
     kept_queries = [q for q in queries if not _close_to_demo(q, demos)]
-    stats = {"queries": len(queries), "left_to_demonstrations": len(queries) - len(kept_queries),
-             "dropped_tool_calls": 0, "trimmed_to_limit": 0, "kept": 0}
+    stats = {
+        "queries": len(queries),
+        "left_to_demonstrations": len(queries) - len(kept_queries),
+        "dropped_tool_calls": 0,
+        "trimmed_to_limit": 0,
+        "kept": 0,
+    }
     conversations: list[list[Message]] = []
     asked: list[str] = []
     for _ in range(samples):
@@ -66,9 +80,10 @@ def build_distill_targets(
         asked += kept_queries
     scored: list[tuple[list[int], torch.Tensor, bool]] = []
     for k in range(samples):  # the first sample greedy, any further ones sampled
-        part = conversations[k * len(kept_queries):(k + 1) * len(kept_queries)]
-        scored += generate_scored(teacher, tokenizer, part, max_new_tokens=max_new_tokens, do_sample=k > 0,
-                                  seed=seed + k)
+        part = conversations[k * len(kept_queries) : (k + 1) * len(kept_queries)]
+        scored += generate_scored(
+            teacher, tokenizer, part, max_new_tokens=max_new_tokens, do_sample=k > 0, seed=seed + k
+        )
         if should_stop is not None:
             should_stop()
         if on_progress is not None:

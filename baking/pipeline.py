@@ -22,7 +22,7 @@ from baking import data as bdata
 from baking.assure import AssessInputs, assess, load_profile, reload_in_subprocess, spec_sha256, write_report
 from baking.card import model_card
 from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
-from baking.compress import compress
+from baking.compress import SearchConfig, compress, search
 from baking.evaluate import guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes, tool_accuracy
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
 from baking.export import write_artifact
@@ -31,6 +31,7 @@ from baking.generate import end_of_turn_id
 from baking.load import configure_threads, load_model, load_tokenizer, pick_device
 from baking.measure import latency_ms
 from baking.persona import build_distill_targets
+from baking.quant import cast_floats_
 from baking.spec import BakeSpec
 from baking.train import TrainConfig, TrainItem, distill_item, sft_item, train
 
@@ -63,9 +64,15 @@ class _Run:
             raise BakeCancelled(f"cancelled during {self.stage}")
 
 
-def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
-         on_event: EventSink | None = None, should_cancel: CancelCheck | None = None,
-         job_id: str | None = None) -> BakeResult:
+def bake(
+    spec: BakeSpec | dict[str, Any],
+    workdir: Path,
+    *,
+    models_dir: Path,
+    on_event: EventSink | None = None,
+    should_cancel: CancelCheck | None = None,
+    job_id: str | None = None,
+) -> BakeResult:
     if not isinstance(spec, BakeSpec):
         try:
             spec = BakeSpec.from_dict(spec)
@@ -77,8 +84,11 @@ def bake(spec: BakeSpec | dict[str, Any], workdir: Path, *, models_dir: Path,
     except (BakeError, BakeCancelled):
         raise
     except torch.OutOfMemoryError as exc:
-        raise BakeError("out_of_memory", f"out of memory: {exc}. Try profile: quick, a smaller "
-                        "training.batch_size, or device: cpu.", run.stage) from exc
+        raise BakeError(
+            "out_of_memory",
+            f"out of memory: {exc}. Try profile: quick, a smaller training.batch_size, or device: cpu.",
+            run.stage,
+        ) from exc
     except FloatingPointError as exc:
         raise BakeError("training_diverged", str(exc), run.stage) from exc
 
@@ -91,8 +101,11 @@ def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> Bak
         raise BakeError("invalid_spec", str(exc), "preparing") from exc
     run.enter("fetching", f"resolving {spec.model}")
     fetched = fetch_model(spec.model, models_dir)
-    run.info(f"{len(fetched.files)} input files hashed", files=[vars(f) for f in fetched.files],
-             ignored_pickles=fetched.ignored_pickles)
+    run.info(
+        f"{len(fetched.files)} input files hashed",
+        files=[vars(f) for f in fetched.files],
+        ignored_pickles=fetched.ignored_pickles,
+    )
 
     run.enter("preparing")
     configure_threads()
@@ -104,13 +117,16 @@ def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> Bak
     split = bdata.split_spec(spec)
     train_split = bdata.augment(split, spec) if spec.bakes_anything else split
     leak_checked = bdata.check_no_leak(train_split)
-    sizes = {"train_tool_cases": len(train_split.train_tools), "heldout_tool_cases": len(split.heldout_tools),
-             "train_irrelevant": len(train_split.train_irrelevant),
-             "heldout_irrelevant": len(split.heldout_irrelevant),
-             "train_persona_queries": len(split.train_persona_queries),
-             "heldout_persona_queries": len(split.heldout_persona_queries),
-             "train_persona_examples": len(split.train_persona_examples),
-             "heldout_persona_examples": len(split.heldout_persona_examples)}
+    sizes = {
+        "train_tool_cases": len(train_split.train_tools),
+        "heldout_tool_cases": len(split.heldout_tools),
+        "train_irrelevant": len(train_split.train_irrelevant),
+        "heldout_irrelevant": len(split.heldout_irrelevant),
+        "train_persona_queries": len(split.train_persona_queries),
+        "heldout_persona_queries": len(split.heldout_persona_queries),
+        "train_persona_examples": len(split.train_persona_examples),
+        "heldout_persona_examples": len(split.heldout_persona_examples),
+    }
     run.info("data split", **sizes, leak_checked=leak_checked, **split.fingerprint())
 
     train_report = None
@@ -120,7 +136,7 @@ def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> Bak
         baked = original
 
     run.enter("optimizing")
-    final, scheme = compress(baked, spec.optimize.quantization, device)
+    final, scheme = _optimize(run, baked, tokenizer, train_split, device)
     run.info(f"quantization scheme: {scheme['scheme']}", **{k: v for k, v in scheme.items() if k != "dtype_torch"})
 
     run.enter("validating")
@@ -135,33 +151,62 @@ def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> Bak
     run.enter("exporting")
     out = workdir / "artifact"
     spec_dict = spec.to_dict()
-    manifest = {"spec": spec_dict, "spec_sha256": spec_sha256(spec_dict), "seed": spec.training.seed,
-                "base_model": spec.model,
-                "inputs": [vars(f) for f in fetched.files], "ignored_pickles": fetched.ignored_pickles,
-                "data": {**split.fingerprint(), **sizes}, "metrics": metrics,
-                "system_prompt_removed": system_prompt,
-                "training": {"losses": train_report.losses, "ce": train_report.ce, "kl": train_report.kl}
-                if train_report else None}
+    manifest = {
+        "spec": spec_dict,
+        "spec_sha256": spec_sha256(spec_dict),
+        "seed": spec.training.seed,
+        "base_model": spec.model,
+        "inputs": [vars(f) for f in fetched.files],
+        "ignored_pickles": fetched.ignored_pickles,
+        "data": {**split.fingerprint(), **sizes},
+        "metrics": metrics,
+        "system_prompt_removed": system_prompt,
+        "training": {"losses": train_report.losses, "ce": train_report.ce, "kl": train_report.kl}
+        if train_report
+        else None,
+    }
     card = model_card(spec, _scalars(metrics), base_model=spec.model, train_sizes=sizes)
-    files = write_artifact(out, final_model=final, merged_model=baked if spec.bakes_anything else None,
-                           tokenizer=tokenizer, final_dtype=scheme["dtype_torch"],
-                           quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
-                           manifest=manifest, model_card=card)
+    files = write_artifact(
+        out,
+        final_model=final,
+        merged_model=baked if spec.bakes_anything else None,
+        tokenizer=tokenizer,
+        final_dtype=scheme["dtype_torch"],
+        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
+        manifest=manifest,
+        model_card=card,
+    )
     run.info(f"artifact written: {len(files)} files", bytes=sum(f.size for f in files))
 
     run.enter("assessing", f"compliance checks, profile {profile.name}")
-    report = assess(AssessInputs(
-        model=final, tokenizer=tokenizer, metrics=metrics, targets=dataclasses.asdict(spec.targets),
-        tools=spec.tools, job_id=job_id, artifact_dir=out, input_files=fetched.files,
-        ignored_pickles=fetched.ignored_pickles, model_dir=fetched.path, split=split, training_split=train_split,
-        chat_template=CHAT_TEMPLATE, heldout_tools=split.heldout_tools,
-        tool_accuracy_fn=lambda cases: tool_accuracy(final, tokenizer, cases, spec.tools).accuracy,
-        reload_fn=lambda path: reload_in_subprocess(path, device=device.type),
-        training_loss=train_report.losses if train_report else None),
-        profile, on_check=lambda i, n, check_id: (run.check(), run.progress(i, n, f"check {check_id}")))
+    report = assess(
+        AssessInputs(
+            model=final,
+            tokenizer=tokenizer,
+            metrics=metrics,
+            targets=dataclasses.asdict(spec.targets),
+            tools=spec.tools,
+            job_id=job_id,
+            artifact_dir=out,
+            input_files=fetched.files,
+            ignored_pickles=fetched.ignored_pickles,
+            model_dir=fetched.path,
+            split=split,
+            training_split=train_split,
+            chat_template=CHAT_TEMPLATE,
+            heldout_tools=split.heldout_tools,
+            tool_accuracy_fn=lambda cases: tool_accuracy(final, tokenizer, cases, spec.tools).accuracy,
+            reload_fn=lambda path: reload_in_subprocess(path, device=device.type),
+            training_loss=train_report.losses if train_report else None,
+        ),
+        profile,
+        on_check=lambda i, n, check_id: run.progress(i, n, f"check {check_id}"),
+    )
     files = write_report(out, report)
-    run.info(f"compliance score {report['score']:.3f}, gate {'passed' if report['gate']['passed'] else 'failed'}",
-             gate=report["gate"])
+    run.info(
+        f"compliance score {report['score']:.3f}, gate {'passed' if report['gate']['passed'] else 'failed'}",
+        gate=report["gate"],
+    )
     return BakeResult(artifact_dir=out, files=files, metrics=metrics, gate=report["gate"], report=report)
 
 
@@ -169,46 +214,132 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
     spec = run.spec
     preset = spec.preset
     persona = spec.persona
-    run.enter("baking_persona", "teacher (original + full system prompt) answers the persona and "
-                                "irrelevant queries")
+    run.enter("baking_persona", "teacher (original + full system prompt) answers the persona and irrelevant queries")
     queries = list(split.train_persona_queries) + list(split.train_irrelevant)
     targets, stats = build_distill_targets(
-        original, tokenizer, queries, system_prompt=system_prompt,
-        guidelines=persona.guidelines if persona else (), demos=split.train_persona_examples,
-        max_new_tokens=preset.max_new_tokens, samples=preset.persona_samples, seed=spec.training.seed,
-        on_progress=lambda i, n: run.progress(i, n, "teacher targets"), should_stop=run.check)
+        original,
+        tokenizer,
+        queries,
+        system_prompt=system_prompt,
+        guidelines=persona.guidelines if persona else (),
+        demos=split.train_persona_examples,
+        max_new_tokens=preset.max_new_tokens,
+        samples=preset.persona_samples,
+        seed=spec.training.seed,
+        on_progress=lambda i, n: run.progress(i, n, "teacher targets"),
+        should_stop=run.check,
+    )
     run.info("teacher targets", **stats)
 
     run.enter("baking_tools", "one objective: tool SFT + demonstrations + persona KL")
     eot = end_of_turn_id(tokenizer)
     pools: dict[str, list[TrainItem]] = {
         "tools": [sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False)) for c in split.train_tools],
-        "answers": [sft_item(tokenizer, *bdata.tool_conversation(c)) for c in split.train_tools
-                    if c.answer and c.result is not None],
+        "answers": [
+            sft_item(tokenizer, *bdata.tool_conversation(c))
+            for c in split.train_tools
+            if c.answer and c.result is not None
+        ],
         "demos": [sft_item(tokenizer, *bdata.demonstration(e)) for e in split.train_persona_examples],
         "distill": [distill_item(tokenizer, t, eot) for t in targets],
     }
-    config = TrainConfig(steps=spec.training.steps or preset.steps,
-                         batch_size=spec.training.batch_size or preset.batch_size,
-                         learning_rate=spec.training.effective_learning_rate, method=spec.training.method,
-                         lora_rank=spec.training.lora_rank, seed=spec.training.seed)
+    config = TrainConfig(
+        steps=spec.training.steps or preset.steps,
+        batch_size=spec.training.batch_size or preset.batch_size,
+        learning_rate=spec.training.effective_learning_rate,
+        method=spec.training.method,
+        lora_rank=spec.training.lora_rank,
+        seed=spec.training.seed,
+    )
     student = copy.deepcopy(original)
     started = time.monotonic()
 
     def on_step(step: int, total: int, values: dict[str, float]) -> None:
         elapsed = time.monotonic() - started
         eta = elapsed / step * (total - step)
-        run.progress(step, total, f"step {step}/{total} loss {values['loss']:.4f}", eta_s=round(eta, 1),
-                     **{k: round(v, 6) for k, v in values.items()})
+        run.progress(
+            step,
+            total,
+            f"step {step}/{total} loss {values['loss']:.4f}",
+            eta_s=round(eta, 1),
+            **{k: round(v, 6) for k, v in values.items()},
+        )
 
     baked, report = train(student, tokenizer, pools, config, on_step=on_step, should_stop=run.check)
-    run.info("training finished", first_loss=report.first_loss, last_loss=report.last_loss,
-             seconds=round(report.seconds, 1), pools={k: len(v) for k, v in pools.items()})
+    run.info(
+        "training finished",
+        first_loss=report.first_loss,
+        last_loss=report.last_loss,
+        seconds=round(report.seconds, 1),
+        pools={k: len(v) for k, v in pools.items()},
+    )
     return baked, report
 
 
-def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str, Any], tokenizer: Any,
-              split: bdata.Split, system_prompt: str, fetched: FetchedModel) -> dict[str, Any]:
+CALIBRATION_CASES = 24  # training cases the compression search measures on (never the held-out ones)
+
+
+def _optimize(
+    run: _Run, baked: Any, tokenizer: Any, train_split: bdata.Split, device: torch.device
+) -> tuple[Any, dict[str, Any]]:
+    """The requested scheme, or for `auto` the most compressed candidate that keeps the accuracy.
+
+    The search measures retention on a calibration slice of the *training* cases, so the choice
+    is not tuned on the held-out cases the job then reports; the reported retention is measured
+    again on the held-out split in `validating`.
+    """
+    spec = run.spec
+    if spec.optimize.quantization != "auto":
+        return compress(baked, spec.optimize.quantization, device)
+    user_cases = [c for c in train_split.train_tools if not c.synthetic]
+    calibration = user_cases[:: max(1, len(user_cases) // CALIBRATION_CASES)][:CALIBRATION_CASES]
+    irrelevant = train_split.train_irrelevant[:8]
+
+    def evaluate(model: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if calibration:
+            out["tool_call_accuracy"] = tool_accuracy(model, tokenizer, calibration, spec.tools).accuracy
+        if irrelevant:
+            out["irrelevance_accuracy"], _ = irrelevance_accuracy(model, tokenizer, irrelevant)
+        run.check()
+        return out
+
+    result = search(
+        baked,
+        SearchConfig(accuracy_retention=spec.targets.accuracy_retention),
+        device=device,
+        evaluate=evaluate,
+        on_trial=lambda t: run.info(
+            f"compression trial {t.candidate}: retention {t.accuracy_retention}",
+            met=t.met,
+            seconds=t.seconds,
+            **t.metrics,
+        ),
+    )
+    if not result.met:
+        run.emit(
+            BakeEvent(
+                "message",
+                "optimizing",
+                str(result.scheme["search"].get("note", "")),
+                level="warning",
+                data={"failed_target": result.failed_target},
+            )
+        )
+    return result.model, result.scheme
+
+
+def _validate(
+    run: _Run,
+    original: Any,
+    baked: Any,
+    final: Any,
+    scheme: dict[str, Any],
+    tokenizer: Any,
+    split: bdata.Split,
+    system_prompt: str,
+    fetched: FetchedModel,
+) -> dict[str, Any]:
     spec = run.spec
     preset = spec.preset
     metrics: dict[str, Any] = {}
@@ -217,6 +348,7 @@ def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str
     compressed = scheme["scheme"] != "none"
 
     if spec.tools:
+
         def tools_metrics() -> None:
             ev = tool_accuracy(final, tokenizer, split.heldout_tools, spec.tools)
             metrics["tool_call_accuracy"] = ev.accuracy
@@ -227,19 +359,23 @@ def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str
             metrics["tool_call_baseline_samples"] = base.samples[:10]
             if compressed:
                 metrics["tool_call_accuracy_uncompressed"] = tool_accuracy(
-                    baked, tokenizer, split.heldout_tools, spec.tools).accuracy
+                    baked, tokenizer, split.heldout_tools, spec.tools
+                ).accuracy
 
         steps.append(("tool calls", tools_metrics))
     if split.heldout_irrelevant:
+
         def irrelevance_metrics() -> None:
             acc, samples = irrelevance_accuracy(final, tokenizer, split.heldout_irrelevant)
             metrics["irrelevance_accuracy"] = acc
             metrics["irrelevance_samples"] = samples
             metrics["irrelevance_accuracy_baseline"], _ = irrelevance_accuracy(
-                original, tokenizer, split.heldout_irrelevant, system=system_prompt)
+                original, tokenizer, split.heldout_irrelevant, system=system_prompt
+            )
             if compressed:
                 metrics["irrelevance_accuracy_uncompressed"], _ = irrelevance_accuracy(
-                    baked, tokenizer, split.heldout_irrelevant)
+                    baked, tokenizer, split.heldout_irrelevant
+                )
 
         steps.append(("irrelevance", irrelevance_metrics))
     if spec.persona is not None:
@@ -249,11 +385,21 @@ def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str
             queries = split.heldout_persona_queries
             if preset.eval_persona_queries:
                 queries = queries[: preset.eval_persona_queries]
-            metrics.update({k: v for k, v in persona_fidelity(
-                original, final, tokenizer, queries, system_prompt=system_prompt,
-                max_new_tokens=preset.max_new_tokens).items() if k != "tokens"})
-            probes = guideline_probes(persona, split.heldout_persona_examples, queries,
-                                      split.training_texts())
+            metrics.update(
+                {
+                    k: v
+                    for k, v in persona_fidelity(
+                        original,
+                        final,
+                        tokenizer,
+                        queries,
+                        system_prompt=system_prompt,
+                        max_new_tokens=preset.max_new_tokens,
+                    ).items()
+                    if k != "tokens"
+                }
+            )
+            probes = guideline_probes(persona, split.heldout_persona_examples, queries, split.training_texts())
             baked_probes = run_probes(final, tokenizer, probes, persona)
             base_probes = run_probes(original, tokenizer, probes, persona, system=system_prompt)
             metrics["guideline_pass_rate"] = baked_probes["pass_rate"]
@@ -261,11 +407,19 @@ def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str
             metrics["guideline_by_kind"] = baked_probes["by_kind"]
             metrics["guideline_by_kind_baseline"] = base_probes["by_kind"]
             metrics["guideline_samples"] = baked_probes["samples"]
+            if compressed:
+                metrics["guideline_pass_rate_uncompressed"] = run_probes(baked, tokenizer, probes, persona)["pass_rate"]
 
         steps.append(("persona", persona_metrics))
     new_tokens = 16 if spec.profile == "quick" else 32
-    steps.append(("latency and size", lambda: _latency_and_size(original, final, scheme, tokenizer, split,
-                                                                system_prompt, fetched, metrics, new_tokens)))
+    steps.append(
+        (
+            "latency and size",
+            lambda: _latency_and_size(
+                original, final, scheme, tokenizer, split, system_prompt, fetched, metrics, new_tokens
+            ),
+        )
+    )
     for i, (name, fn) in enumerate(steps, start=1):
         run.check()
         fn()
@@ -275,39 +429,53 @@ def _validate(run: _Run, original: Any, baked: Any, final: Any, scheme: dict[str
 
 
 def _retention(metrics: dict[str, Any]) -> float | None:
-    pairs = [(metrics.get(k), metrics.get(f"{k}_uncompressed")) for k in ("tool_call_accuracy",
-                                                                           "irrelevance_accuracy")]
-    pairs = [(f, b) for f, b in pairs if isinstance(f, float) and isinstance(b, float) and b > 0]
-    if not pairs:
-        return None
-    return min(f / b for f, b in pairs)
+    pairs = [
+        (metrics.get(k), metrics.get(f"{k}_uncompressed"))
+        for k in ("tool_call_accuracy", "irrelevance_accuracy", "guideline_pass_rate")
+    ]
+    ratios = [f / b for f, b in pairs if isinstance(f, float) and isinstance(b, float) and b > 0]
+    return min(ratios) if ratios else None
 
 
 def _check_finite(model: Any, tokenizer: Any, metrics: dict[str, Any]) -> None:
-    finite_weights = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    ids = torch.tensor([tokenizer("The quick brown fox checks the brake fluid.", add_special_tokens=False)
-                        ["input_ids"]], device=next(model.parameters()).device)
+    # quantized layers keep their scales in buffers: check every floating tensor, not only parameters
+    finite_weights = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+    ids = torch.tensor(
+        [tokenizer("The quick brown fox checks the brake fluid.", add_special_tokens=False)["input_ids"]],
+        device=next(model.parameters()).device,
+    )
     with torch.inference_mode():
         finite_logits = bool(torch.isfinite(model(input_ids=ids).logits.float()).all())
     metrics["finite_weights"] = finite_weights
     metrics["finite_logits"] = finite_logits
 
 
-def _latency_and_size(original: Any, final: Any, scheme: dict[str, Any], tokenizer: Any, split: bdata.Split,
-                      system_prompt: str, fetched: FetchedModel, metrics: dict[str, Any],
-                      new_tokens: int) -> None:
-    queries = ([c.query for c in split.heldout_tools] + split.heldout_persona_queries
-               + split.heldout_irrelevant)[:8] or ["Hello, who are you?"]
-    baseline_model = copy.deepcopy(original).to(torch.bfloat16)  # its published dtype
-    base = latency_ms(baseline_model, tokenizer, [with_system(system_prompt or None,
-                                                              [{"role": "user", "content": q}]) for q in queries],
-                      new_tokens=new_tokens)
+def _latency_and_size(
+    original: Any,
+    final: Any,
+    scheme: dict[str, Any],
+    tokenizer: Any,
+    split: bdata.Split,
+    system_prompt: str,
+    fetched: FetchedModel,
+    metrics: dict[str, Any],
+    new_tokens: int,
+) -> None:
+    queries = ([c.query for c in split.heldout_tools] + split.heldout_persona_queries + split.heldout_irrelevant)[
+        :8
+    ] or ["Hello, who are you?"]
+    baseline_model = cast_floats_(copy.deepcopy(original), torch.bfloat16)  # its published dtype
+    base = latency_ms(
+        baseline_model,
+        tokenizer,
+        [with_system(system_prompt or None, [{"role": "user", "content": q}]) for q in queries],
+        new_tokens=new_tokens,
+    )
     del baseline_model
-    baked = latency_ms(final, tokenizer, [[{"role": "user", "content": q}] for q in queries],
-                       new_tokens=new_tokens)
+    baked = latency_ms(final, tokenizer, [[{"role": "user", "content": q}] for q in queries], new_tokens=new_tokens)
     metrics["latency_ms"] = {"baseline": base, "baked": baked}
     metrics["speedup"] = base["p50"] / baked["p50"] if baked["p50"] > 0 else None
-    params = sum(p.numel() for p in final.parameters())
+    params = scheme.get("params") or sum(p.numel() for p in final.parameters())
     final_bytes = scheme.get("weight_bytes") or sum(p.numel() * p.element_size() for p in final.parameters())
     metrics["size_bytes"] = {"original": fetched.weight_bytes, "final": final_bytes, "fp32": params * 4}
     metrics["compression"] = 1 - final_bytes / fetched.weight_bytes if fetched.weight_bytes else None

@@ -137,8 +137,9 @@ class TrainingSpec:
     def __post_init__(self) -> None:
         _require(self.method in ("lora", "full"), "training.method", "lora or full")
         _require(self.steps is None or self.steps >= 1, "training.steps", "must be >= 1")
-        _require(self.learning_rate is None or 0 < self.learning_rate <= 1, "training.learning_rate",
-                 "must be in (0, 1]")
+        _require(
+            self.learning_rate is None or 0 < self.learning_rate <= 1, "training.learning_rate", "must be in (0, 1]"
+        )
         _require(self.lora_rank >= 1, "training.lora_rank", "must be >= 1")
 
 
@@ -155,12 +156,15 @@ class ProfilePreset:
 
 
 PROFILE_PRESETS: dict[str, ProfilePreset] = {
-    "quick": ProfilePreset(steps=120, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40,
-                           eval_persona_queries=6),
-    "standard": ProfilePreset(steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=1,
-                              max_new_tokens=64, eval_persona_queries=0),
-    "thorough": ProfilePreset(steps=1000, batch_size=16, heldout_fraction=0.2, persona_samples=2,
-                              max_new_tokens=96, eval_persona_queries=0),
+    "quick": ProfilePreset(
+        steps=120, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40, eval_persona_queries=6
+    ),
+    "standard": ProfilePreset(
+        steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=64, eval_persona_queries=0
+    ),
+    "thorough": ProfilePreset(
+        steps=1000, batch_size=16, heldout_fraction=0.2, persona_samples=2, max_new_tokens=96, eval_persona_queries=0
+    ),
 }
 
 
@@ -179,8 +183,11 @@ class BakeSpec:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.model.startswith(("bakehouse://", "file://")), "model",
-                 "must be bakehouse://NAME or file:///abs/dir here (s3:// is materialised by the worker)")
+        _require(
+            self.model.startswith(("bakehouse://", "file://")),
+            "model",
+            "must be bakehouse://NAME or file:///abs/dir here (s3:// is materialised by the worker)",
+        )
         _require(self.profile in PROFILES, "profile", f"one of {PROFILES}")
         _require(self.device in DEVICES, "device", f"one of {DEVICES}")
         names = [t.name for t in self.tools]

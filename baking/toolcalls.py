@@ -127,9 +127,7 @@ def parse_tool_calls(text: str) -> list[ParsedCall]:
         call, end = _decode_object_at(text, open_at + len(TOOL_CALL_OPEN))
         close_at = len(text) - len(text[end:].lstrip())
         if not text.startswith(TOOL_CALL_CLOSE, close_at):
-            raise ToolCallParseError(
-                f"{TOOL_CALL_OPEN} at offset {open_at} is not closed after its JSON object"
-            )
+            raise ToolCallParseError(f"{TOOL_CALL_OPEN} at offset {open_at} is not closed after its JSON object")
         calls.append(call)
         pos = close_at + len(TOOL_CALL_CLOSE)
     return calls
@@ -237,9 +235,7 @@ def _strict_equal(expected: Any, actual: Any) -> bool:
     if isinstance(expected, list) and isinstance(actual, list):
         return len(expected) == len(actual) and all(map(_strict_equal, expected, actual))
     if isinstance(expected, dict) and isinstance(actual, dict):
-        return expected.keys() == actual.keys() and all(
-            _strict_equal(v, actual[k]) for k, v in expected.items()
-        )
+        return expected.keys() == actual.keys() and all(_strict_equal(v, actual[k]) for k, v in expected.items())
     return type(expected) is type(actual) and expected == actual
 
 

@@ -57,8 +57,9 @@ class TrainConfig:
     seed: int = 0
     max_length: int = 384  # longer items are cut from the right
     # share of batch items per pool; "answers" are full tool conversations (call, result, answer)
-    mix: dict[str, float] = field(default_factory=lambda: {"tools": 0.45, "answers": 0.05, "demos": 0.25,
-                                                           "distill": 0.25})
+    mix: dict[str, float] = field(
+        default_factory=lambda: {"tools": 0.45, "answers": 0.05, "demos": 0.25, "distill": 0.25}
+    )
     micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
 
     def __post_init__(self) -> None:
@@ -85,7 +86,7 @@ class TrainReport:
 
     @property
     def last_loss(self) -> float:
-        tail = self.losses[-max(1, len(self.losses) // 10):]
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
         return sum(tail) / len(tail)
 
 
@@ -105,8 +106,14 @@ def wrap_for_training(model: Any, config: TrainConfig) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.05,
-                      target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=2 * config.lora_rank,
+        lora_dropout=0.05,
+        target_modules=LORA_TARGETS,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora)
 
 
@@ -160,8 +167,9 @@ def _micro_batches(items: Sequence[TrainItem], budget: int, max_length: int) -> 
     return out
 
 
-def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: torch.device,
-                max_length: int, kl_weight: float) -> tuple[torch.Tensor, float, float]:
+def _batch_loss(
+    model: Any, items: Sequence[TrainItem], pad_id: int, device: torch.device, max_length: int, kl_weight: float
+) -> tuple[torch.Tensor, float, float]:
     width = min(max_length, max(len(i.input_ids) for i in items))
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
@@ -178,8 +186,16 @@ def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: tor
     shifted = logits[:, :-1]
     ce_labels = ce_targets[:, 1:]
     n_ce = int((ce_labels != -100).sum())
-    ce = (torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), ce_labels.reshape(-1),
-                                            ignore_index=-100, reduction="sum") / max(1, n_ce)) if n_ce else None
+    ce = (
+        (
+            torch.nn.functional.cross_entropy(
+                shifted.reshape(-1, shifted.shape[-1]), ce_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            / max(1, n_ce)
+        )
+        if n_ce
+        else None
+    )
     kl_sum = torch.zeros((), device=device)
     n_kl = 0
     for b, item in enumerate(items):
@@ -189,7 +205,7 @@ def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: tor
         n = min(item.teacher_logprobs.shape[0], width - start)
         if n <= 0:
             continue
-        student = torch.log_softmax(logits[b, start - 1:start - 1 + n], dim=-1)
+        student = torch.log_softmax(logits[b, start - 1 : start - 1 + n], dim=-1)
         teacher = item.teacher_logprobs[:n].to(device=device, dtype=torch.float32)
         kl_sum = kl_sum + (teacher.exp() * (teacher - student)).sum()
         n_kl += n
@@ -199,9 +215,15 @@ def _batch_loss(model: Any, items: Sequence[TrainItem], pad_id: int, device: tor
     return loss, float(ce.detach()) if ce is not None else 0.0, float(kl.detach()) if kl is not None else 0.0
 
 
-def train(model: Any, tokenizer: Any, pools: dict[str, list[TrainItem]], config: TrainConfig, *,
-          on_step: Callable[[int, int, dict[str, float]], None] | None = None,
-          should_stop: Callable[[], None] | None = None) -> tuple[Any, TrainReport]:
+def train(
+    model: Any,
+    tokenizer: Any,
+    pools: dict[str, list[TrainItem]],
+    config: TrainConfig,
+    *,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], None] | None = None,
+) -> tuple[Any, TrainReport]:
     """Train in place and return (model with merged weights, report)."""
     from transformers import get_cosine_schedule_with_warmup
 

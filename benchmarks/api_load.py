@@ -165,9 +165,7 @@ async def drive(
     return result, responses
 
 
-async def run(
-    base: str, clients: int, duration_s: float, max_requests: int, api_key: str | None
-) -> list[Result]:
+async def run(base: str, clients: int, duration_s: float, max_requests: int, api_key: str | None) -> list[Result]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     post, created = await drive(
         "POST /v1/bake-jobs",
@@ -222,9 +220,7 @@ def print_table(results: list[Result], clients: int, where: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="measure this running API instead of starting one (loopback only)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--clients", type=int, default=50)
@@ -232,9 +228,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5000, help="requests per endpoint at most")
     parser.add_argument(
         "--pg-admin-url",
-        default=os.environ.get(
-            "BAKEHOUSE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-        ),
+        default=os.environ.get("BAKEHOUSE_TEST_PG_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"),
     )
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/12")
     args = parser.parse_args()

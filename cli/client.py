@@ -67,8 +67,12 @@ class BakehouseClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/bake-jobs/{job_id}/cancel").json())
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        body = self._request("GET", f"/bake-jobs/{job_id}/events").json()
+    def events(self, job_id: str, *, after: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """One page of events, oldest first; `after` is the last event id already seen."""
+        params: dict[str, Any] = {"limit": limit}
+        if after is not None:
+            params["after"] = after
+        body = self._request("GET", f"/bake-jobs/{job_id}/events", params=params).json()
         return list(body["data"] if isinstance(body, dict) else body)
 
     def artifacts(self, job_id: str) -> list[dict[str, Any]]:

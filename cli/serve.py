@@ -51,7 +51,9 @@ def api_argv(host: str, port: int, *, log_level: str = "info") -> list[str]:
 def migrate(settings: Settings) -> None:
     from core.db import upgrade_database
 
-    settings.data_dir.mkdir(parents=True, exist_ok=True)  # SQLite needs the directory to exist
+    # upgrade_database makes a SQLite database's directory; the default SQLite broker and the
+    # work dir live here too, also when the database is Postgres.
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.resolved_database_url)
 
 

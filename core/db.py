@@ -8,16 +8,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+
+def ensure_sqlite_dir(url: str) -> None:
+    """SQLite creates the database file but not its directory; a fresh DATA_DIR has neither."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return
+    database = parsed.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
 @lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        ensure_sqlite_dir(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -57,6 +65,7 @@ def upgrade_database(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
+    ensure_sqlite_dir(url)
     root = Path(__file__).resolve().parent.parent
     cfg = Config()
     cfg.set_main_option("script_location", str(root / "migrations"))

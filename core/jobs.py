@@ -223,9 +223,7 @@ def list_compliance_reports(
         query = query.where(ComplianceReport.score <= max_score)
     if failed_check is not None:
         # failed_checks is stored as ",S1,S4," so the commas anchor the id on both backends.
-        query = query.where(
-            ComplianceReport.failed_checks.like(f"%,{_like_literal(failed_check)},%", escape="\\")
-        )
+        query = query.where(ComplianceReport.failed_checks.like(f"%,{_like_literal(failed_check)},%", escape="\\"))
     if created_after is not None:
         query = query.where(ComplianceReport.created_at > created_after)
     if after is not None:
@@ -233,8 +231,6 @@ def list_compliance_reports(
         if anchor is None or anchor.tenant != tenant:
             raise InvalidCursor(f"after={after!r} is not a compliance report of this tenant")
         query = query.where(
-            _after_cursor(
-                ComplianceReport.created_at, ComplianceReport.job_id, anchor.created_at, anchor.job_id
-            )
+            _after_cursor(ComplianceReport.created_at, ComplianceReport.job_id, anchor.created_at, anchor.job_id)
         )
     return _page(session, query, limit)

@@ -52,16 +52,16 @@ def build(source: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"{name} example {i} ({ex['query']!r}) fails: {result['error']}")
             if name == "search_manual" and not result["results"]:
                 raise ValueError(f"{name} example {i} ({ex['query']!r}) finds no passage")
-            examples.append({"query": ex["query"], "arguments": ex["arguments"], "result": result,
-                             "answer": ex["answer"]})
+            examples.append(
+                {"query": ex["query"], "arguments": ex["arguments"], "result": result, "answer": ex["answer"]}
+            )
         tool["examples"] = examples
     return spec
 
 
 def render(source_path: Path = SOURCE) -> str:
     source = yaml.safe_load(source_path.read_text(encoding="utf-8"))
-    body = yaml.safe_dump(build(source), sort_keys=False, allow_unicode=True, width=100_000,
-                          default_flow_style=False)
+    body = yaml.safe_dump(build(source), sort_keys=False, allow_unicode=True, width=100_000, default_flow_style=False)
     return HEADER + body
 
 
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     TARGET.write_text(text, encoding="utf-8")
     spec = yaml.safe_load(text)
     counts = ", ".join(f"{t['name']}={len(t['examples'])}" for t in spec["tools"])
-    print(f"wrote {TARGET} ({counts}, irrelevant={len(spec['irrelevant_examples'])}, "
-          f"persona examples={len(spec['persona']['examples'])})")
+    print(
+        f"wrote {TARGET} ({counts}, irrelevant={len(spec['irrelevant_examples'])}, "
+        f"persona examples={len(spec['persona']['examples'])})"
+    )
     return 0
 
 

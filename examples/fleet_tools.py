@@ -22,8 +22,15 @@ from typing import Any
 
 MANUAL_PATH = Path(__file__).resolve().parent / "vehicle_manual.md"
 
-SIGNALS = ("speed", "battery_voltage", "coolant_temp", "tire_pressure_front_left",
-           "tire_pressure_front_right", "fuel_level", "odometer")
+SIGNALS = (
+    "speed",
+    "battery_voltage",
+    "coolant_temp",
+    "tire_pressure_front_left",
+    "tire_pressure_front_right",
+    "fuel_level",
+    "odometer",
+)
 SECTIONS = ("engine", "brakes", "electrical", "adas", "maintenance")
 
 
@@ -56,10 +63,43 @@ def get_vehicle_signal(signal: str) -> dict[str, Any]:
 # --- search_manual (BM25) -----------------------------------------------------------------
 
 _WORD = re.compile(r"[a-z0-9]+")
-_STOPWORDS = frozenset({
-    "a", "an", "and", "are", "as", "at", "be", "by", "can", "do", "does", "for", "from", "how", "i",
-    "if", "in", "is", "it", "its", "my", "of", "on", "or", "should", "the", "to", "what", "when",
-    "which", "with", "you", "your"})
+_STOPWORDS = frozenset(
+    {
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "do",
+        "does",
+        "for",
+        "from",
+        "how",
+        "i",
+        "if",
+        "in",
+        "is",
+        "it",
+        "its",
+        "my",
+        "of",
+        "on",
+        "or",
+        "should",
+        "the",
+        "to",
+        "what",
+        "when",
+        "which",
+        "with",
+        "you",
+        "your",
+    }
+)
 _HEADING = re.compile(r"^##\s+(\w+)\s*:\s*(.+?)\s*$")
 
 
@@ -146,8 +186,13 @@ def search_manual(query: str, section: str, top_k: int = 2) -> dict[str, Any]:
 
 # --- calculator ---------------------------------------------------------------------------
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.Pow: operator.pow}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_EXPRESSION_CHARS = 200
 MAX_EXPONENT = 64
@@ -171,8 +216,7 @@ def _walk(node: ast.AST) -> float | int:
         if isinstance(value, complex) or abs(value) > MAX_MAGNITUDE:
             raise ToolError("result out of range")
         return value
-    raise ToolError(f"unsupported element {type(node).__name__}: only numbers, + - * / ** and ( )"
-                    " are allowed")
+    raise ToolError(f"unsupported element {type(node).__name__}: only numbers, + - * / ** and ( ) are allowed")
 
 
 def calculator(expression: str) -> dict[str, Any]:

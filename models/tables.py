@@ -37,10 +37,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
-    events: Mapped[list[JobEvent]] = relationship(back_populates="job", cascade="all, delete-orphan",
-                                                  order_by="JobEvent.id")
-    artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", cascade="all, delete-orphan",
-                                                     order_by="Artifact.name")
+    events: Mapped[list[JobEvent]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="JobEvent.id"
+    )
+    artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="Artifact.name"
+    )
 
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),)
 
@@ -48,8 +50,7 @@ class Job(Base):
 class JobEvent(Base):
     __tablename__ = "job_events"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     level: Mapped[str] = mapped_column(String(16), default="info")  # debug | info | warning | error
@@ -64,8 +65,7 @@ class JobEvent(Base):
 class Artifact(Base):
     __tablename__ = "artifacts"
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(512))  # relative path, may contain "/"
     size: Mapped[int] = mapped_column(BigInteger)

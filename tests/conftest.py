@@ -99,9 +99,19 @@ def make_tiny_model(out_dir: Path, *, seed: int = 0, layers: int = 2, hidden: in
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2, rms_norm_eps=1e-5,
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        rms_norm_eps=1e-5,
     )
     model = LlamaForCausalLM(config)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,9 +58,7 @@ def download_artifact(
     try:
         size = store.size(artifact.storage_key)
     except (FileNotFoundError, StoreError) as exc:
-        raise ApiError(
-            404, "artifact_missing", f"artifact {name!r} is recorded but not in the store"
-        ) from exc
+        raise ApiError(404, "artifact_missing", f"artifact {name!r} is recorded but not in the store") from exc
     byte_range = parse_range(range_ if if_range in (None, etag) else None, size)
     filename = name.rsplit("/", 1)[-1]
     headers["Content-Disposition"] = f'attachment; filename="{filename}"'

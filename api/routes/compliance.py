@@ -61,6 +61,4 @@ def list_compliance_reports(
         limit=limit,
     )
     data = [ComplianceReportSummary.from_row(r) for r in rows]
-    return ComplianceReportsPublic(
-        data=data, has_more=has_more, next_after=data[-1].job_id if has_more else None
-    )
+    return ComplianceReportsPublic(data=data, has_more=has_more, next_after=data[-1].job_id if has_more else None)

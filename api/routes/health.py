@@ -21,9 +21,7 @@ def healthz() -> HealthPublic:
     return HealthPublic()
 
 
-@router.get(
-    "/readyz", responses={503: {"description": "A dependency is unavailable (problem+json with `checks`)"}}
-)
+@router.get("/readyz", responses={503: {"description": "A dependency is unavailable (problem+json with `checks`)"}})
 async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     checks = await run_in_threadpool(readiness, settings, store)
     if all(state == "ok" for state in checks.values()):

@@ -79,9 +79,7 @@ def list_bake_jobs(
     status: JobStatus | None = None,
 ) -> BakeJobsPublic:
     """Newest first. Filter by `status` and by metadata with `metadata.KEY=VALUE` query parameters."""
-    metadata = {
-        k.removeprefix("metadata."): v for k, v in request.query_params.items() if k.startswith("metadata.")
-    }
+    metadata = {k.removeprefix("metadata."): v for k, v in request.query_params.items() if k.startswith("metadata.")}
     rows, has_more = jobs.list_jobs(
         session=session, tenant=tenant, after=after, limit=limit, status=status, metadata=metadata
     )
@@ -126,9 +124,7 @@ def list_job_events(
 
     With `Accept: text/event-stream` the events stream as SSE until the job is terminal.
     """
-    rows, has_more = jobs.list_events(
-        session=session, tenant=tenant, job_id=job_id, after_id=after, limit=limit
-    )
+    rows, has_more = jobs.list_events(session=session, tenant=tenant, job_id=job_id, after_id=after, limit=limit)
     if wants_event_stream(request):
         session.close()  # the stream polls with short sessions of its own; do not pin a connection
         return event_stream(

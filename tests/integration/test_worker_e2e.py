@@ -72,7 +72,6 @@ def assert_downloads_match(base: str, job: dict[str, Any], dest: Path) -> None:
 
 
 def migrate_embedded(tmp_path: Path) -> None:
-    (tmp_path / "data").mkdir(exist_ok=True)
     upgrade_database(f"sqlite:///{tmp_path / 'data' / 'bakehouse.db'}")
 
 

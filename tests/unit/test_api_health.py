@@ -59,12 +59,8 @@ def test_metrics_count_by_route_template(api: Harness) -> None:
     api.client.get(f"/v1/bake-jobs/{job_id}")
     api.client.get("/v1/bake-jobs/bj_missing")
     text = api.client.get("/metrics").text
-    assert (
-        'bakehouse_http_requests_total{method="GET",route="/v1/bake-jobs/{job_id}",status="200"} 1.0' in text
-    )
-    assert (
-        'bakehouse_http_requests_total{method="GET",route="/v1/bake-jobs/{job_id}",status="404"} 1.0' in text
-    )
+    assert 'bakehouse_http_requests_total{method="GET",route="/v1/bake-jobs/{job_id}",status="200"} 1.0' in text
+    assert 'bakehouse_http_requests_total{method="GET",route="/v1/bake-jobs/{job_id}",status="404"} 1.0' in text
     assert 'bakehouse_http_requests_total{method="POST",route="/v1/bake-jobs",status="202"} 1.0' in text
     assert "bakehouse_jobs_created_total 1.0" in text
     assert "bakehouse_http_request_duration_seconds_bucket" in text

@@ -240,9 +240,7 @@ def test_idempotency_key_in_flight_is_409(api: Harness) -> None:
     from core.idempotency import request_hash
     from core.spec import BakeJobSpec
 
-    payload_hash = request_hash(
-        BakeJobSpec.model_validate(MINIMAL_SPEC).model_dump(mode="json", exclude_unset=True)
-    )
+    payload_hash = request_hash(BakeJobSpec.model_validate(MINIMAL_SPEC).model_dump(mode="json", exclude_unset=True))
     with api.session() as s:
         s.add(
             IdempotencyKey(
@@ -274,9 +272,7 @@ def test_expired_idempotency_key_is_replaced(api: Harness) -> None:
 def test_idempotency_keys_are_per_tenant(tmp_path: Path, sqlite_url: str) -> None:
     with api_harness(data_dir=tmp_path, database_url=sqlite_url, api_keys="acme:ka,globex:kb") as api:
         a = api.create(headers={"Authorization": "Bearer ka", "Idempotency-Key": "same"})
-        b = api.create(
-            spec(profile="quick"), headers={"Authorization": "Bearer kb", "Idempotency-Key": "same"}
-        )
+        b = api.create(spec(profile="quick"), headers={"Authorization": "Bearer kb", "Idempotency-Key": "same"})
         assert a["id"] != b["id"]
 
 
@@ -357,7 +353,5 @@ def test_events_stream_as_sse_until_terminal(api: Harness) -> None:
         "event: end",
     ]
     assert json.loads(blocks[1].split("data: ", 1)[1])["data"] == {"loss": 1.5}
-    with api.client.stream(
-        "GET", f"/v1/bake-jobs/{job_id}/events", params={"after": first}, headers=headers
-    ) as r:
+    with api.client.stream("GET", f"/v1/bake-jobs/{job_id}/events", params={"after": first}, headers=headers) as r:
         assert "fetching model" not in "".join(r.iter_text())

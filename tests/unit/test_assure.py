@@ -25,10 +25,28 @@ from baking.fetch import InputFile, sha256_file
 from baking.toolcalls import Tool, format_tool_call
 from tests.conftest import TOKENIZER_DIR
 
-TOOLS = [Tool("get_signal", {"type": "object", "properties": {"signal": {"type": "string", "enum": ["speed", "fuel"]}},
-                             "required": ["signal"], "additionalProperties": False})]
-SECTIONS = ["Model details", "Intended use", "Factors", "Metrics", "Evaluation data", "Training data",
-            "Quantitative analyses", "Ethical considerations", "Caveats and recommendations"]
+TOOLS = [
+    Tool(
+        "get_signal",
+        {
+            "type": "object",
+            "properties": {"signal": {"type": "string", "enum": ["speed", "fuel"]}},
+            "required": ["signal"],
+            "additionalProperties": False,
+        },
+    )
+]
+SECTIONS = [
+    "Model details",
+    "Intended use",
+    "Factors",
+    "Metrics",
+    "Evaluation data",
+    "Training data",
+    "Quantitative analyses",
+    "Ethical considerations",
+    "Caveats and recommendations",
+]
 SPEC = {"model": "bakehouse://tiny", "training": {"seed": 0}}
 
 
@@ -62,44 +80,73 @@ def fake_lm(tokenizer: Any) -> FakeLM:
 
 
 def card(metrics: dict[str, Any], sections: list[str] = SECTIONS) -> str:
-    rows = [{"type": k, "name": k, "value": metrics[k]} for k in ("tool_call_accuracy", "irrelevance_accuracy",
-                                                                        "accuracy_retention")]
+    rows = [
+        {"type": k, "name": k, "value": metrics[k]}
+        for k in ("tool_call_accuracy", "irrelevance_accuracy", "accuracy_retention")
+    ]
     front = {"model-index": [{"name": "m", "results": [{"task": {"type": "text-generation"}, "metrics": rows}]}]}
     return "---\n" + json.dumps(front) + "\n---\n# m\n\n" + "".join(f"## {s}\ntext\n\n" for s in sections)
 
 
 def write_manifest(root: Path, split: Split, inputs: list[InputFile]) -> dict[str, Any]:
-    files = {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "bakehouse.json"}
-    manifest = {"spec": SPEC, "spec_sha256": spec_sha256(SPEC), "inputs": [vars(f) for f in inputs],
-                "data": split.fingerprint(), "files": files,
-                "versions": {"python": "3.11.7", "torch": "2.6.0", "transformers": "5.0.0", "bakehouse": "0.1.0"}}
+    files = {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "bakehouse.json"
+    }
+    manifest = {
+        "spec": SPEC,
+        "spec_sha256": spec_sha256(SPEC),
+        "inputs": [vars(f) for f in inputs],
+        "data": split.fingerprint(),
+        "files": files,
+        "versions": {"python": "3.11.7", "torch": "2.6.0", "transformers": "5.0.0", "bakehouse": "0.1.0"},
+    }
     (root / "bakehouse.json").write_text(json.dumps(manifest))
     return manifest
 
 
 @pytest.fixture
 def passing(tmp_path: Path, tokenizer: Any, fake_lm: FakeLM) -> AssessInputs:
-    split = Split(train_tools=[ToolCase("get_signal", "How fast am I going?", {"signal": "speed"})],
-                  heldout_tools=[ToolCase("get_signal", "What is my speed right now?", {"signal": "speed"})],
-                  train_irrelevant=["Tell me a joke"], heldout_irrelevant=["Write a haiku about rain"])
+    split = Split(
+        train_tools=[ToolCase("get_signal", "How fast am I going?", {"signal": "speed"})],
+        heldout_tools=[ToolCase("get_signal", "What is my speed right now?", {"signal": "speed"})],
+        train_irrelevant=["Tell me a joke"],
+        heldout_irrelevant=["Write a haiku about rain"],
+    )
     good_call = format_tool_call("get_signal", {"signal": "speed"})
-    metrics = {"finite_weights": True, "finite_logits": True, "accuracy_retention": 1.0,
-               "tool_call_accuracy": 0.8, "tool_call_accuracy_baseline": 0.7, "tool_call_schema_valid": 1.0,
-               "irrelevance_accuracy": 1.0, "irrelevance_accuracy_baseline": 1.0,
-               "tool_call_samples": [{"output": good_call}, {"output": "I cannot tell."}],
-               "irrelevance_samples": [{"output": "Rain on the roof."}],
-               "guideline_pass_rate": 0.9, "guideline_pass_rate_baseline": 0.8,
-               "guideline_by_kind": {"identity": 1.0, "refusal": 0.8},
-               "guideline_by_kind_baseline": {"identity": 1.0, "refusal": 0.6},
-               "latency_ms": {"baseline": {"p50": 40.0, "p95": 50.0, "p99": 55.0},
-                              "baked": {"p50": 10.0, "p95": 12.0, "p99": 14.0}},
-               "speedup": 4.0, "compression": 0.8}
+    metrics = {
+        "finite_weights": True,
+        "finite_logits": True,
+        "accuracy_retention": 1.0,
+        "tool_call_accuracy": 0.8,
+        "tool_call_accuracy_baseline": 0.7,
+        "tool_call_schema_valid": 1.0,
+        "irrelevance_accuracy": 1.0,
+        "irrelevance_accuracy_baseline": 1.0,
+        "tool_call_samples": [{"output": good_call}, {"output": "I cannot tell."}],
+        "irrelevance_samples": [{"output": "Rain on the roof."}],
+        "guideline_pass_rate": 0.9,
+        "guideline_pass_rate_baseline": 0.8,
+        "guideline_by_kind": {"identity": 1.0, "refusal": 0.8},
+        "guideline_by_kind_baseline": {"identity": 1.0, "refusal": 0.6},
+        "latency_ms": {
+            "baseline": {"p50": 40.0, "p95": 50.0, "p99": 55.0},
+            "baked": {"p50": 10.0, "p95": 12.0, "p99": 14.0},
+        },
+        "speedup": 4.0,
+        "compression": 0.8,
+    }
     model_dir = tmp_path / "input"
     model_dir.mkdir()
     save_file({"w": torch.zeros(2)}, str(model_dir / "model.safetensors"))
-    inputs = [InputFile("model.safetensors", (model_dir / "model.safetensors").stat().st_size,
-                        sha256_file(model_dir / "model.safetensors"))]
+    inputs = [
+        InputFile(
+            "model.safetensors",
+            (model_dir / "model.safetensors").stat().st_size,
+            sha256_file(model_dir / "model.safetensors"),
+        )
+    ]
     art = tmp_path / "artifact"
     (art / "merged").mkdir(parents=True)
     save_file({"w": torch.zeros(2)}, str(art / "model.safetensors"))
@@ -109,13 +156,27 @@ def passing(tmp_path: Path, tokenizer: Any, fake_lm: FakeLM) -> AssessInputs:
     (art / "README.md").write_text(card(metrics))
     write_manifest(art, split, inputs)
     return AssessInputs(
-        model=fake_lm, tokenizer=tokenizer, metrics=metrics, tools=TOOLS, job_id="bj_1",
+        model=fake_lm,
+        tokenizer=tokenizer,
+        metrics=metrics,
+        tools=TOOLS,
+        job_id="bj_1",
         targets={"accuracy_retention": 0.99, "speedup": 3.0, "compression": 0.75, "compliance_score": 0.95},
-        artifact_dir=art, input_files=inputs, model_dir=model_dir, split=split, chat_template=CHAT_TEMPLATE,
-        determinism_prompts=["Hi", "What is my speed?"], robustness=RobustnessResult(0.8, 0.78, 3),
-        reload_fn=lambda _: {"tool_call_accuracy": 0.8, "tool_call_schema_valid": 1.0, "irrelevance_accuracy": 1.0,
-                             "finite_logits": True},
-        training_loss=[2.0, 1.5, 1.2])
+        artifact_dir=art,
+        input_files=inputs,
+        model_dir=model_dir,
+        split=split,
+        chat_template=CHAT_TEMPLATE,
+        determinism_prompts=["Hi", "What is my speed?"],
+        robustness=RobustnessResult(0.8, 0.78, 3),
+        reload_fn=lambda _: {
+            "tool_call_accuracy": 0.8,
+            "tool_call_schema_valid": 1.0,
+            "irrelevance_accuracy": 1.0,
+            "finite_logits": True,
+        },
+        training_loss=[2.0, 1.5, 1.2],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +201,9 @@ def test_all_checks_pass_and_the_gate_opens(passing: AssessInputs, profile: assu
         assert c["maps_to"]
 
 
-def test_s1_nan_weight_fails_the_gate_with_a_risk_entry(passing: AssessInputs, tokenizer: Any,
-                                                        profile: assure.Profile) -> None:
+def test_s1_nan_weight_fails_the_gate_with_a_risk_entry(
+    passing: AssessInputs, tokenizer: Any, profile: assure.Profile
+) -> None:
     model = FakeLM(len(tokenizer))
     with torch.no_grad():
         model.head.weight[3, 1] = float("nan")
@@ -151,8 +213,9 @@ def test_s1_nan_weight_fails_the_gate_with_a_risk_entry(passing: AssessInputs, t
     assert s1["value"]["finite_logits"] is False
     assert report["gate"]["passed"] is False and "critical check S1 failed" in report["gate"]["reasons"]
     assert {c["id"]: c["status"] for c in report["checks"]}["R2"] == "fail"
-    assert [r["check"] for r in report["risk_register"]] == ["R2", "S1"] or \
-        {r["check"] for r in report["risk_register"]} == {"S1", "R2"}
+    assert [r["check"] for r in report["risk_register"]] == ["R2", "S1"] or {
+        r["check"] for r in report["risk_register"]
+    } == {"S1", "R2"}
     entry = next(r for r in report["risk_register"] if r["check"] == "S1")
     assert entry["severity"] == "critical" and entry["priority"] == "high" and entry["mitigation"]
     json.dumps(report, allow_nan=False)
@@ -182,8 +245,9 @@ def test_s2_retention_and_baseline_regression(passing: AssessInputs) -> None:
 
 
 def test_s3_nondeterministic_model_fails(passing: AssessInputs) -> None:
-    check = assure.run_check("S3", replace(passing, model=FakeLM(len(passing.tokenizer), noisy=True)),
-                             load_profile("default"))
+    check = assure.run_check(
+        "S3", replace(passing, model=FakeLM(len(passing.tokenizer), noisy=True)), load_profile("default")
+    )
     assert check.status == "fail" and check.value["differing"] == 2
 
 
@@ -191,18 +255,30 @@ def test_s3_runs_through_generate_on_a_real_tiny_llama(passing: AssessInputs) ->
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(passing.tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                         head_dim=8, tie_word_embeddings=True)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(passing.tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            tie_word_embeddings=True,
+        )
+    ).eval()
     inputs = replace(passing, model=model, determinism_prompts=["Hi"])
     assert status(inputs, "S3") == "pass"
 
 
-@pytest.mark.parametrize("output", [
-    '<tool_call>\n{"name": "get_signal", "arguments": {"signal": "warp"}}\n</tool_call>',  # not in enum
-    '<tool_call>\n{"name": "launch_missiles", "arguments": {}}\n</tool_call>',  # undeclared tool
-    '<tool_call>\n{"name": "get_signal", "arguments": {"signal": \n</tool_call>',  # does not parse
-])
+@pytest.mark.parametrize(
+    "output",
+    [
+        '<tool_call>\n{"name": "get_signal", "arguments": {"signal": "warp"}}\n</tool_call>',  # not in enum
+        '<tool_call>\n{"name": "launch_missiles", "arguments": {}}\n</tool_call>',  # undeclared tool
+        '<tool_call>\n{"name": "get_signal", "arguments": {"signal": \n</tool_call>',  # does not parse
+    ],
+)
 def test_s4_invalid_call_fails(passing: AssessInputs, output: str) -> None:
     metrics = {**passing.metrics, "irrelevance_samples": [{"output": output}]}
     check = assure.run_check("S4", replace(passing, metrics=metrics), load_profile("default"))
@@ -301,8 +377,10 @@ def test_v1_overlapping_eval_data_fails(passing: AssessInputs) -> None:
 
 
 def test_v2_reload_mismatch_or_crash_fails(passing: AssessInputs) -> None:
-    drifted = replace(passing, reload_fn=lambda _: {"tool_call_accuracy": 0.6, "irrelevance_accuracy": 1.0,
-                                                     "tool_call_schema_valid": 1.0})
+    drifted = replace(
+        passing,
+        reload_fn=lambda _: {"tool_call_accuracy": 0.6, "irrelevance_accuracy": 1.0, "tool_call_schema_valid": 1.0},
+    )
     check = assure.run_check("V2", drifted, load_profile("default"))
     assert check.status == "fail" and check.evidence["failed"] == ["tool_call_accuracy"]
 
@@ -330,11 +408,13 @@ def test_score_and_gate_weights_by_severity(profile: assure.Profile) -> None:
     def c(i: str, s: str) -> dict[str, Any]:
         return {"id": i, "severity": assure.BY_ID[i].severity, "status": s}
 
-    score, gate = score_and_gate([c("S1", "pass"), c("S3", "fail"), c("S6", "pass"), c("S5", "not_applicable")],
-                                 profile, 0.5)
+    score, gate = score_and_gate(
+        [c("S1", "pass"), c("S3", "fail"), c("S6", "pass"), c("S5", "not_applicable")], profile, 0.5
+    )
     assert score == round(6 / 9, 4) and gate["passed"] is True
-    score, gate = score_and_gate([c("S1", "fail")] + [c(i, "pass") for i in ("S3", "S5", "S6", "X3", "X4")],
-                                 profile, 0.0)
+    score, gate = score_and_gate(
+        [c("S1", "fail")] + [c(i, "pass") for i in ("S3", "S5", "S6", "X3", "X4")], profile, 0.0
+    )
     assert gate["passed"] is False and gate["reasons"] == ["critical check S1 failed"]
     _, gate = score_and_gate([c("S3", "fail"), c("S1", "pass")], profile, 0.95)
     assert gate["passed"] is False and gate["reasons"] == ["score 0.6250 < required 0.9500"]

@@ -37,12 +37,15 @@ def test_spec_dict_round_trip(fleet_dict: dict) -> None:
     assert BakeSpec.from_dict(spec.to_dict()) == spec
 
 
-@pytest.mark.parametrize(("patch", "field"), [
-    ({"profile": "fast"}, "profile"),
-    ({"training": {"method": "qlora"}}, "training.method"),
-    ({"bogus": 1}, "unknown field"),
-    ({"model": "http://x"}, "model"),
-])
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"profile": "fast"}, "profile"),
+        ({"training": {"method": "qlora"}}, "training.method"),
+        ({"bogus": 1}, "unknown field"),
+        ({"model": "http://x"}, "model"),
+    ],
+)
 def test_spec_errors_name_the_field(fleet_dict: dict, patch: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         BakeSpec.from_dict({**fleet_dict, **patch})
@@ -69,8 +72,10 @@ def test_heldout_never_overlaps_training_even_after_augmentation(fleet_dict: dic
 
 
 def test_leak_check_raises_on_overlap() -> None:
-    split = Split(train_tools=[ToolCase("t", "How fast am I going?", {})],
-                  heldout_tools=[ToolCase("t", "how fast am i going", {})])
+    split = Split(
+        train_tools=[ToolCase("t", "How fast am I going?", {})],
+        heldout_tools=[ToolCase("t", "how fast am i going", {})],
+    )
     with pytest.raises(LeakError):
         check_no_leak(split)
 

@@ -73,17 +73,27 @@ def test_persona_fields(spec: BakeJobSpec) -> None:
 
 def test_generated_file_is_up_to_date() -> None:
     assert JOB.read_text(encoding="utf-8") == build_fleet_examples.render(), (
-        "examples/fleet-assistant.yaml is stale: run python examples/build_fleet_examples.py")
+        "examples/fleet-assistant.yaml is stale: run python examples/build_fleet_examples.py"
+    )
 
 
 def test_enums_match_the_tool_implementations(spec: BakeJobSpec) -> None:
     signal = tool(spec, "get_vehicle_signal").parameters["properties"]["signal"]
     section = tool(spec, "search_manual").parameters["properties"]["section"]
-    assert signal["enum"] == list(fleet_tools.SIGNALS) == [
-        "speed", "battery_voltage", "coolant_temp", "tire_pressure_front_left",
-        "tire_pressure_front_right", "fuel_level", "odometer"]
-    assert section["enum"] == list(fleet_tools.SECTIONS) == [
-        "engine", "brakes", "electrical", "adas", "maintenance"]
+    assert (
+        signal["enum"]
+        == list(fleet_tools.SIGNALS)
+        == [
+            "speed",
+            "battery_voltage",
+            "coolant_temp",
+            "tire_pressure_front_left",
+            "tire_pressure_front_right",
+            "fuel_level",
+            "odometer",
+        ]
+    )
+    assert section["enum"] == list(fleet_tools.SECTIONS) == ["engine", "brakes", "electrical", "adas", "maintenance"]
     assert tool(spec, "search_manual").argument_match == {"query": "keywords"}
     assert tool(spec, "calculator").argument_match == {"expression": "expression"}
 
@@ -105,10 +115,16 @@ def test_counts(spec: BakeJobSpec) -> None:
 
 
 SAFETY_SYSTEMS = {  # system: pattern in the user's words
-    "airbag": r"airbag|srs", "abs": r"abs", "emergency braking": r"emergency braking|aeb|automatic braking",
-    "stability/traction": r"esc|stability control|traction control", "seat belt": r"seat ?belt",
-    "lane keeping": r"lane keep(ing)?", "tpms": r"tpms", "speed limiter": r"speed limiter",
-    "immobiliser": r"immobiliser", "driver attention": r"driver attention",
+    "airbag": r"airbag|srs",
+    "abs": r"abs",
+    "emergency braking": r"emergency braking|aeb|automatic braking",
+    "stability/traction": r"esc|stability control|traction control",
+    "seat belt": r"seat ?belt",
+    "lane keeping": r"lane keep(ing)?",
+    "tpms": r"tpms",
+    "speed limiter": r"speed limiter",
+    "immobiliser": r"immobiliser",
+    "driver attention": r"driver attention",
 }
 
 
@@ -176,25 +192,62 @@ def test_calculator_expressions_are_pure_arithmetic(spec: BakeJobSpec) -> None:
 
 def test_vehicle_signal_has_si_units() -> None:
     units = {s: fleet_tools.get_vehicle_signal(s)["unit"] for s in fleet_tools.SIGNALS}
-    assert units == {"speed": "km/h", "battery_voltage": "V", "coolant_temp": "°C",
-                     "tire_pressure_front_left": "kPa", "tire_pressure_front_right": "kPa",
-                     "fuel_level": "%", "odometer": "km"}
+    assert units == {
+        "speed": "km/h",
+        "battery_voltage": "V",
+        "coolant_temp": "°C",
+        "tire_pressure_front_left": "kPa",
+        "tire_pressure_front_right": "kPa",
+        "fuel_level": "%",
+        "odometer": "km",
+    }
     assert fleet_tools.execute("get_vehicle_signal", {"signal": "speed"}) == {
-        "signal": "speed", "value": 87.0, "unit": "km/h"}
+        "signal": "speed",
+        "value": 87.0,
+        "unit": "km/h",
+    }
     assert "error" in fleet_tools.execute("get_vehicle_signal", {"signal": "rpm"})
 
 
-@pytest.mark.parametrize(("expression", "value"), [
-    ("1 + 2 * 3", 7), ("(1 + 2) * 3", 9), ("-4 + 10 / 4", -1.5), ("2 ** 10", 1024),
-    ("0.1 + 0.2", 0.3), ("-(3 - 5) ** 2", -4), ("65 * 1.609344", 104.60736)])
+@pytest.mark.parametrize(
+    ("expression", "value"),
+    [
+        ("1 + 2 * 3", 7),
+        ("(1 + 2) * 3", 9),
+        ("-4 + 10 / 4", -1.5),
+        ("2 ** 10", 1024),
+        ("0.1 + 0.2", 0.3),
+        ("-(3 - 5) ** 2", -4),
+        ("65 * 1.609344", 104.60736),
+    ],
+)
 def test_calculator_arithmetic(expression: str, value: float) -> None:
     assert fleet_tools.calculator(expression) == {"expression": expression, "result": value}
 
 
-@pytest.mark.parametrize("expression", [
-    "__import__('os')", "__import__('os').system('true')", "x", "pi * 2", "abs(-1)", "1 if 1 else 2",
-    "[1, 2]", "'a' * 3", "1 < 2", "10 // 3", "7 % 2", "2 ** 1000", "1 / 0", "lambda: 1", "True + 1",
-    "", "1 +", "(1).real"])
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "__import__('os')",
+        "__import__('os').system('true')",
+        "x",
+        "pi * 2",
+        "abs(-1)",
+        "1 if 1 else 2",
+        "[1, 2]",
+        "'a' * 3",
+        "1 < 2",
+        "10 // 3",
+        "7 % 2",
+        "2 ** 1000",
+        "1 / 0",
+        "lambda: 1",
+        "True + 1",
+        "",
+        "1 +",
+        "(1).real",
+    ],
+)
 def test_calculator_refuses_anything_but_arithmetic(expression: str) -> None:
     with pytest.raises(ValueError):
         fleet_tools.calculator(expression)
@@ -218,14 +271,17 @@ def test_manual_has_passages_in_every_section() -> None:
     assert all(p["title"] and p["text"] for p in passages)
 
 
-@pytest.mark.parametrize(("query", "section", "title"), [
-    ("brake fluid replacement interval", "brakes", "Brake fluid specification and replacement interval"),
-    ("ABS warning light", "brakes", "ABS warning light"),
-    ("oil change interval", "engine", "Engine oil change interval"),
-    ("jump starting", "electrical", "Jump starting"),
-    ("AEB pedestrians cyclists", "adas", "Automatic emergency braking"),
-    ("tire rotation", "maintenance", "Tire rotation"),
-])
+@pytest.mark.parametrize(
+    ("query", "section", "title"),
+    [
+        ("brake fluid replacement interval", "brakes", "Brake fluid specification and replacement interval"),
+        ("ABS warning light", "brakes", "ABS warning light"),
+        ("oil change interval", "engine", "Engine oil change interval"),
+        ("jump starting", "electrical", "Jump starting"),
+        ("AEB pedestrians cyclists", "adas", "Automatic emergency braking"),
+        ("tire rotation", "maintenance", "Tire rotation"),
+    ],
+)
 def test_bm25_ranks_the_matching_passage_first(query: str, section: str, title: str) -> None:
     results = fleet_tools.search_manual(query, section)["results"]
     assert 1 <= len(results) <= 2

@@ -50,6 +50,12 @@ def test_sqlite_upgrade_has_no_drift(tmp_path: Path) -> None:
     assert _drift(url) == []
 
 
+def test_sqlite_upgrade_creates_the_missing_directory(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh' / 'data' / 'bakehouse.db'}"
+    upgrade_database(url)
+    _assert_head(url)
+
+
 @pytest.mark.integration
 def test_postgres_upgrade_has_no_drift(pg_url: str) -> None:
     _assert_head(pg_url)

@@ -63,18 +63,14 @@ TOOLS = [SIGNAL, THERMO, SEARCH, CALC]
 
 def test_format_is_exact() -> None:
     text = format_tool_call("get_vehicle_signal", {"signal": "speed"})
-    assert (
-        text == '<tool_call>\n{"name": "get_vehicle_signal", "arguments": {"signal": "speed"}}\n</tool_call>'
-    )
+    assert text == '<tool_call>\n{"name": "get_vehicle_signal", "arguments": {"signal": "speed"}}\n</tool_call>'
 
 
 def test_format_keeps_non_ascii() -> None:
     assert "Zürich" in format_tool_call("search_docs", {"query": "Zürich"})
 
 
-@pytest.mark.parametrize(
-    "arguments", [{"signal": "speed"}, {}, {"q": 'naïve "quoted" </tool_call>', "n": [1, 2.5]}]
-)
+@pytest.mark.parametrize("arguments", [{"signal": "speed"}, {}, {"q": 'naïve "quoted" </tool_call>', "n": [1, 2.5]}])
 def test_round_trip(arguments: dict) -> None:
     text = format_tool_call("t", arguments)
     assert parse_tool_calls(text) == [ParsedCall("t", arguments)]
@@ -212,12 +208,8 @@ def test_exact_strings_strip_whitespace_only() -> None:
 
 
 def test_case_insensitive() -> None:
-    assert arguments_match(
-        {"celsius": 20, "zone": "Driver  Side"}, {"celsius": 20, "zone": "driver side "}, THERMO
-    )
-    assert not arguments_match(
-        {"celsius": 20, "zone": "driver"}, {"celsius": 20, "zone": "passenger"}, THERMO
-    )
+    assert arguments_match({"celsius": 20, "zone": "Driver  Side"}, {"celsius": 20, "zone": "driver side "}, THERMO)
+    assert not arguments_match({"celsius": 20, "zone": "driver"}, {"celsius": 20, "zone": "passenger"}, THERMO)
 
 
 def test_keywords_accepts_paraphrase_and_rejects_unrelated() -> None:

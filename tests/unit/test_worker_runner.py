@@ -79,7 +79,7 @@ class FakeBake:
         self.seen_spec: dict[str, Any] | None = None
 
     def __call__(
-        self, spec: dict[str, Any], workdir: Path, *, models_dir: Path, on_event: Any, should_cancel: Any
+        self, spec: dict[str, Any], workdir: Path, *, models_dir: Path, on_event: Any, should_cancel: Any, **_: Any
     ) -> BakeResult:
         self.calls += 1
         self.seen_spec = spec
@@ -137,6 +137,27 @@ def test_progress_writes_are_throttled_but_last_step_lands(settings: Settings) -
         mp.setattr(runner.runs, "set_progress", spy)
         assert runner.run_job(job_id, settings, bake=FakeBake()) == "succeeded"
     assert writes == [1, 50]  # 50 events within a second: the first and the final one
+
+
+def test_training_progress_with_numbers_becomes_throttled_events(settings: Settings) -> None:
+    job_id = new_job(settings)
+
+    def bake(spec: dict[str, Any], workdir: Path, *, on_event: Any, **_: Any) -> BakeResult:
+        workdir.mkdir(parents=True)
+        on_event(BakeEvent("stage", "baking_tools"))
+        for step in range(1, 51):
+            loss = 2.0 / step
+            on_event(BakeEvent("progress", "baking_tools", f"step {step}", step=step, total=50, data={"loss": loss}))
+        return write_artifacts(workdir)
+
+    assert runner.run_job(job_id, settings, bake=bake) == "succeeded"
+    _, _, events = load(settings, job_id)
+    progress = [e for e in events if e.type == "progress"]
+    # 50 steps within a second: the first and the final one, each with its loss
+    assert [(e.stage, e.data) for e in progress] == [
+        ("baking_tools", {"step": 1, "total": 50, "loss": 2.0}),
+        ("baking_tools", {"step": 50, "total": 50, "loss": 0.04}),
+    ]
 
 
 def test_bake_error_fails_with_code_and_stage_and_leaves_nothing(settings: Settings) -> None:

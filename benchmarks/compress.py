@@ -1,0 +1,159 @@
+"""Compression candidates side by side on one baked model (CPU): size, latency, fidelity.
+
+    .venv/bin/python benchmarks/compress.py [MODEL_DIR] [--threads 2] [--requests 8] [--new-tokens 32]
+
+MODEL_DIR defaults to the fleet bake artifact's merged/ (benchmarks/bake_quality.py writes
+it), else the pulled original model. For each candidate: stored weight bytes, compression
+vs fp32, p50/p95 latency of `--requests` fleet queries with no system prompt against the
+original model in bf16 *with* the full fleet system prompt (DESIGN.md §6 `latency_ms`),
+speedup, and fidelity to the uncompressed (fp32) model on held-out text
+(examples/vehicle_manual.md, its last `--eval-tokens` tokens): top-1 agreement, mean
+KL(fp32 || candidate) per token and relative perplexity change. Writes
+benchmarks/results/compress.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from baking.chat import render_system_prompt, with_system  # noqa: E402
+from baking.compress import Candidate, compress  # noqa: E402
+from baking.load import load_model, load_tokenizer  # noqa: E402
+from baking.measure import latency_ms  # noqa: E402
+from baking.spec import BakeSpec  # noqa: E402
+
+CANDIDATES = (
+    Candidate("bf16"),
+    Candidate("int8"),
+    Candidate("int8", lm_head="int8"),
+    Candidate("int4", 32),
+    Candidate("int4", 64),
+)
+QUERIES = [  # fleet-style requests; the same ones on both sides
+    "How fast am I going right now?",
+    "What is the coolant temperature?",
+    "Check the front left tire pressure.",
+    "How much fuel is left?",
+    "What's your name?",
+    "Convert 65 miles per hour to km/h.",
+    "What does the ABS warning light mean?",
+    "Write me a haiku about the sea.",
+]
+BAKED = ROOT / "benchmarks" / "results" / "bake-standard" / "artifact" / "merged"
+ORIGINAL = Path.home() / ".local" / "share" / "bakehouse" / "models" / "smollm2-135m-instruct"
+
+
+@torch.inference_mode()
+def fidelity(reference_logits: torch.Tensor, model: Any, ids: torch.Tensor) -> dict[str, float]:
+    """top-1 agreement, mean KL(ref || model) and relative perplexity change on next-token prediction."""
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    ref = reference_logits[0, :-1]
+    targets = ids[0, 1:]
+    ref_lp, lp = ref.log_softmax(-1), logits.log_softmax(-1)
+    kl = float((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean())
+    top1 = float((ref.argmax(-1) == logits.argmax(-1)).float().mean())
+    ppl_ref = math.exp(float(torch.nn.functional.nll_loss(ref_lp, targets)))
+    ppl = math.exp(float(torch.nn.functional.nll_loss(lp, targets)))
+    return {"top1_agreement": top1, "kl": kl, "ppl": ppl, "ppl_ref": ppl_ref, "ppl_delta": ppl / ppl_ref - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model", nargs="?", default=str(BAKED if BAKED.is_dir() else ORIGINAL))
+    parser.add_argument("--original", default=str(ORIGINAL))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--eval-tokens", type=int, default=512)
+    parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+
+    spec = BakeSpec.from_dict(yaml.safe_load(Path(args.job).read_text()))
+    system_prompt = render_system_prompt(spec.persona, spec.tools)
+    queries = (QUERIES * ((args.requests + len(QUERIES) - 1) // len(QUERIES)))[: args.requests]
+    tokenizer = load_tokenizer(Path(args.model))
+    text_ids = tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"]
+    ids = torch.tensor([text_ids[-args.eval_tokens :]])
+
+    original = load_model(Path(args.original), cpu, dtype=torch.bfloat16)  # its published dtype
+    base = latency_ms(
+        original,
+        tokenizer,
+        [with_system(system_prompt, [{"role": "user", "content": q}]) for q in queries],
+        new_tokens=args.new_tokens,
+    )
+    del original
+    print(
+        f"model {args.model}; baseline: original bf16 + system prompt "
+        f"({base['prompt_tokens_mean']:.0f} prompt tokens): p50 {base['p50']:.0f} ms, p95 {base['p95']:.0f} ms",
+        flush=True,
+    )
+
+    model = load_model(Path(args.model), cpu)  # fp32: the uncompressed reference
+    with torch.inference_mode():
+        reference_logits = model(input_ids=ids).logits.float()
+    fp32_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
+    conversations = [[{"role": "user", "content": q}] for q in queries]
+    rows = []
+    for candidate in CANDIDATES:
+        started = time.monotonic()
+        final, scheme = compress(model, candidate, cpu)
+        built = time.monotonic() - started
+        lat = latency_ms(final, tokenizer, conversations, new_tokens=args.new_tokens)
+        row = {
+            "candidate": candidate.name,
+            "weight_bytes": scheme["weight_bytes"],
+            "compression_vs_fp32": 1 - scheme["weight_bytes"] / fp32_bytes,
+            "p50_ms": lat["p50"],
+            "p95_ms": lat["p95"],
+            "speedup": base["p50"] / lat["p50"],
+            "build_s": built,
+            **fidelity(reference_logits, final, ids),
+        }
+        rows.append(row)
+        print(f"  {candidate.name}: done in {time.monotonic() - started:.0f}s", flush=True)
+        del final
+
+    print(
+        f"\n{args.threads} CPU threads, {args.requests} requests x {args.new_tokens} new tokens; "
+        f"fidelity on {ids.shape[1]} tokens vs fp32 (ppl {rows[0]['ppl_ref']:.2f})"
+    )
+    header = (
+        f"{'candidate':<20} {'MB':>7} {'vs fp32':>8} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>8} "
+        f"{'top1':>6} {'KL':>7} {'ppl_delta':>9}"
+    )
+    print(header)
+    print(f"{'original bf16+prompt':<20} {'':>7} {'':>8} {base['p50']:>7.0f} {base['p95']:>7.0f} {1.0:>7.2f}x")
+    for r in rows:
+        print(
+            f"{r['candidate']:<20} {r['weight_bytes'] / 1e6:>7.1f} {r['compression_vs_fp32']:>8.1%} "
+            f"{r['p50_ms']:>7.0f} {r['p95_ms']:>7.0f} {r['speedup']:>7.2f}x {r['top1_agreement']:>6.3f} "
+            f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%}"
+        )
+    out = ROOT / "benchmarks" / "results" / "compress.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {"model": args.model, "threads": args.threads, "baseline": base, "fp32_bytes": fp32_bytes, "rows": rows},
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
