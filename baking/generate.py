@@ -75,6 +75,25 @@ def _batches(
         yield idx, ids, mask, None
 
 
+def _generation_kwargs(
+    max_new_tokens: int, eot: int, pad: int, past: Any, do_sample: bool, temperature: float, seed: int
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eot,
+        "pad_token_id": pad,
+        "do_sample": do_sample,
+    }
+    if past is not None:  # transformers 5 also calls it `cache`; 4.x only knows past_key_values
+        kwargs["past_key_values"] = past
+    if do_sample:
+        torch.manual_seed(seed)
+        kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
+    else:  # unset the checkpoint's sampling defaults so greedy decoding raises no warnings
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
 @torch.inference_mode()
 def generate_replies(
     model: Any,
@@ -96,19 +115,7 @@ def generate_replies(
     out: list[str] = [""] * len(prompts)
     done = 0
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": eot,
-            "pad_token_id": pad,
-            "do_sample": do_sample,
-        }
-        if past is not None:  # transformers 5 calls it `cache`; 4.x only knows past_key_values
-            kwargs["past_key_values"] = past
-        if do_sample:
-            torch.manual_seed(seed + n)
-            kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs = _generation_kwargs(max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         for row, i in enumerate(idx):
             new = gen[row, ids.shape[1] :].tolist()
@@ -155,22 +162,10 @@ def generate_scored(
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
     out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max_new_tokens,
-            "eos_token_id": eot,
-            "pad_token_id": pad,
-            "do_sample": do_sample,
-            "return_dict_in_generate": True,
-            "output_logits": True,
-        }
-        if past is not None:
-            kwargs["past_key_values"] = past
-        if do_sample:
-            torch.manual_seed(seed + n)
-            kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        result = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        kwargs = _generation_kwargs(max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
+        result = model.generate(
+            input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **kwargs
+        )
         steps = torch.stack(result.logits, dim=1)  # [B, steps, V]
         for row, i in enumerate(idx):
             new = result.sequences[row, ids.shape[1] :].tolist()
