@@ -204,3 +204,23 @@ def _answer_with_plain_transformers(model_dir: Path, query: str) -> str:
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=48, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     return str(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=False))
+
+
+COMPLIANCE_CHECK_IDS = {"S1", "S2", "S3", "S4", "S5", "S6", "X1", "X2", "X3", "X4", "X5", "V1", "V2", "V3", "R1", "R2"}
+
+
+def test_bake_yields_a_compliance_report_in_the_db_and_the_artifact(
+    baked: tuple[dict[str, Any], Observed], server: str
+) -> None:
+    job, _ = baked
+    assert job["status"] == "succeeded", job["error"]
+    assert "compliance.json" in {a["name"] for a in job["artifacts"]}
+    with BakehouseClient(server) as client:
+        report = json.loads(client.compliance(job["id"]))
+        html = client.compliance(job["id"], fmt="html")
+    assert {c["id"] for c in report["checks"]} == COMPLIANCE_CHECK_IDS
+    assert all(c["status"] in {"pass", "fail", "not_applicable"} for c in report["checks"])
+    assert 0.0 <= report["score"] <= 1.0 and isinstance(report["gate"]["passed"], bool)
+    assert job["gate"]["passed"] == report["gate"]["passed"]
+    assert "not a certification" in report["disclaimer"]
+    assert "S1" in html and "<svg" in html
