@@ -185,6 +185,42 @@ _ENUM_TEMPLATES = (
 )
 
 
+# (question, expression) templates over two numbers: how people phrase plain arithmetic.
+_ARITHMETIC_TEMPLATES = (
+    ("What is {a} plus {b}?", "{a} + {b}"),
+    ("{a} minus {b}?", "{a} - {b}"),
+    ("Multiply {a} by {b}.", "{a} * {b}"),
+    ("what's {a} divided by {b}", "{a} / {b}"),
+    ("What is {p}% of {b}?", "{b} * {p} / 100"),
+    ("Calculate {a} times {b} for me.", "{a} * {b}"),
+    ("Average of {a} and {b}?", "({a} + {b}) / 2"),
+    ("How much is {a} + {b} + {p}?", "{a} + {b} + {p}"),
+    ("{b} less {p} percent?", "{b} * (1 - {p} / 100)"),
+    ("What's the difference between {b} and {a}?", "{b} - {a}"),
+)
+
+
+def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 2) -> list[ToolCase]:
+    """Plain-arithmetic calls for tools whose one required argument is compared as an expression.
+
+    The user's calculator examples are domain problems; these teach the plainer skill under
+    them, copying the numbers and operators a question states into the expression.
+    """
+    required = list(tool.parameters.get("required", []))
+    if len(required) != 1 or tool.argument_match.get(required[0]) != "expression":
+        return []
+    param = required[0]
+    cases = []
+    for question, expression in _ARITHMETIC_TEMPLATES:
+        for _ in range(per_template):
+            a, b, p = rng.randint(2, 999), rng.randint(2, 9999), rng.choice((5, 10, 12, 15, 20, 25, 30, 40))
+            values = {"a": a, "b": b, "p": p}
+            cases.append(
+                ToolCase(tool.name, question.format(**values), {param: expression.format(**values)}, synthetic=True)
+            )
+    return cases
+
+
 def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[ToolCase]:
     """Calls for single-enum-parameter tools over every enum value, from neutral templates.
 
@@ -221,7 +257,7 @@ def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_en
         for _ in range(variants_per_query):
             add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True))
     for tool in spec.tools:
-        for case in enum_variants(tool, rng, per_enum_value):
+        for case in enum_variants(tool, rng, per_enum_value) + arithmetic_variants(tool, rng):
             add(case)
     irrelevant_extra = []
     seen_irr = {text_hash(q) for q in split.train_irrelevant} | held | seen

@@ -58,7 +58,7 @@ class TrainConfig:
     max_length: int = 384  # longer items are cut from the right
     # share of batch items per pool; "answers" are full tool conversations (call, result, answer)
     mix: dict[str, float] = field(
-        default_factory=lambda: {"tools": 0.45, "answers": 0.05, "demos": 0.25, "distill": 0.25}
+        default_factory=lambda: {"tools": 0.42, "answers": 0.03, "demos": 0.25, "distill": 0.30}
     )
     micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
 

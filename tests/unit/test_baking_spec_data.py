@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,21 @@ def test_perturb_keeps_words_and_sentence_rules() -> None:
     assert max_sentences(["Be nice."]) is None
     text, cut = trim_to_sentences("One. Two. Three. Four.", 3)
     assert cut and text == "One. Two. Three."
+
+
+def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None:
+    import random
+
+    from baking.data import arithmetic_variants
+    from baking.toolcalls import safe_eval_arithmetic
+
+    spec = BakeSpec.from_dict(fleet_dict)
+    by_name = {t.name: t for t in spec.tools}
+    cases = arithmetic_variants(by_name["calculator"], random.Random(0))
+    assert len(cases) == 20
+    for case in cases:
+        expression = case.arguments["expression"]
+        safe_eval_arithmetic(expression)  # raises unless it is plain arithmetic
+        numbers = re.findall(r"\d+", case.query)
+        assert numbers and all(n in expression for n in numbers), (case.query, expression)
+    assert arithmetic_variants(by_name["get_vehicle_signal"], random.Random(0)) == []
