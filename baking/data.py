@@ -221,6 +221,112 @@ def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 
     return cases
 
 
+# A number as people write it in a question: optional sign, thousands separators, decimals. Not
+# part of a word ("CO2", "E85") and not a continuation of another number.
+_QUERY_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)")
+# A numeric literal inside an arithmetic expression (the sign is an operator there).
+_EXPRESSION_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
+
+
+def _decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def _number_value(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def _format_like(value: float, template: str) -> str:
+    """`value` written the way `template` was: same decimals, thousands separators if it had them."""
+    places = _decimals(template)
+    if "," in template:
+        return f"{value:,.{places}f}"
+    return f"{value:.{places}f}"
+
+
+def _resample(text: str, rng: random.Random, avoid: set[float]) -> str:
+    """A different number of the same shape and rough size (0.5x-2x), never one in `avoid`."""
+    value = _number_value(text)
+    places = _decimals(text)
+    sign = -1 if value < 0 else 1
+    magnitude = abs(value)
+    for _ in range(20):
+        if magnitude == 0:
+            candidate = float(rng.randint(1, 9))
+        else:
+            candidate = round(magnitude * math.exp(rng.uniform(math.log(0.5), math.log(2.0))), places)
+        candidate = max(candidate, 10.0**-places)
+        if candidate != magnitude and sign * candidate not in avoid:
+            return ("-" if sign < 0 else "") + _format_like(candidate, text.lstrip("-"))
+    return text
+
+
+def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: int) -> list[ToolCase]:
+    """The same request with other numbers: each number the user states that the call copies.
+
+    A number in the query is *linked* when it appears exactly once in the query and exactly once
+    among the literals of one argument (an expression-compared string, or a number parameter).
+    Linked numbers are redrawn in both places; everything else — constants such as 1.609344 that
+    the call adds, numbers the call does not copy — stays, so every variant is still a correct
+    call. This teaches copying the user's numbers and the constant a phrasing implies, which the
+    handful of written examples cannot teach alone.
+    """
+    query_numbers = list(_QUERY_NUMBER.finditer(case.query))
+    counts: dict[float, int] = {}
+    for m in query_numbers:
+        counts[_number_value(m.group())] = counts.get(_number_value(m.group()), 0) + 1
+    props = tool.properties
+    links: list[tuple[re.Match[str], str, re.Match[str] | None]] = []  # (query number, argument, literal)
+    for m in query_numbers:
+        value = _number_value(m.group())
+        if counts[value] != 1:
+            continue
+        for name, arg in case.arguments.items():
+            if isinstance(arg, str) and tool.argument_match.get(name) == "expression":
+                literals = [lit for lit in _EXPRESSION_NUMBER.finditer(arg) if float(lit.group()) == abs(value)]
+                if len(literals) == 1 and (value >= 0 or arg[: literals[0].start()].rstrip().endswith("-")):
+                    links.append((m, name, literals[0]))
+                    break
+            elif (
+                isinstance(arg, int | float)
+                and not isinstance(arg, bool)
+                and props.get(name, {}).get("type") in ("number", "integer")
+                and "enum" not in props.get(name, {})
+                and float(arg) == value
+            ):
+                links.append((m, name, None))
+                break
+    if not links:
+        return []
+    avoid = set(counts)
+    out = []
+    for _ in range(count):
+        drawn = {m.start(): _resample(m.group(), rng, avoid) for m, _, _ in links}
+        query = case.query
+        for m, _, _ in sorted(links, key=lambda link: link[0].start(), reverse=True):  # later spans first
+            query = query[: m.start()] + drawn[m.start()] + query[m.end() :]
+        arguments = dict(case.arguments)
+        for m, name, literal in links:
+            if literal is None:
+                value = _number_value(drawn[m.start()])
+                arguments[name] = int(value) if props[name].get("type") == "integer" else value
+        for name in {name for _, name, literal in links if literal is not None}:
+            text = str(case.arguments[name])
+            spans = sorted(
+                (
+                    (literal.start(), literal.end(), drawn[m.start()].lstrip("-").replace(",", ""))
+                    for m, n, literal in links
+                    if n == name and literal is not None
+                ),
+                reverse=True,
+            )
+            for begin, stop, replacement in spans:
+                text = text[:begin] + replacement + text[stop:]
+            arguments[name] = text
+        out.append(ToolCase(case.tool, query, arguments, synthetic=True))
+    return out
+
+
 def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[ToolCase]:
     """Calls for single-enum-parameter tools over every enum value, from neutral templates.
 
@@ -240,8 +346,17 @@ def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[To
     return cases
 
 
-def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_enum_value: int = 2) -> Split:
-    """Add surface variants of training queries and enum-template calls; never of held-out ones."""
+def augment(
+    split: Split,
+    spec: BakeSpec,
+    *,
+    variants_per_query: int = 2,
+    per_enum_value: int = 2,
+    numeric_per_query: int = 3,
+    variants_per_demo: int = 2,
+) -> Split:
+    """Add variants of training cases only, never of held-out ones: surface variants of queries and
+    demonstrations, the same calls with other numbers, and enum-template and arithmetic calls."""
     rng = random.Random(spec.training.seed + 1)
     held = {text_hash(t) for t in split.heldout_texts()}
     seen = {text_hash(c.query) for c in split.train_tools} | held
@@ -256,6 +371,10 @@ def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_en
     for case in split.train_tools:
         for _ in range(variants_per_query):
             add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True))
+    tools = {t.name: t for t in spec.tools}
+    for case in split.train_tools:
+        for variant in numeric_variants(case, tools[case.tool], rng, numeric_per_query):
+            add(variant)
     for tool in spec.tools:
         for case in enum_variants(tool, rng, per_enum_value) + arithmetic_variants(tool, rng):
             add(case)
@@ -266,9 +385,18 @@ def augment(split: Split, spec: BakeSpec, *, variants_per_query: int = 2, per_en
         if text_hash(v) not in seen_irr:
             seen_irr.add(text_hash(v))
             irrelevant_extra.append(v)
+    # Demonstrations (refusals above all) must hold for phrasings the user did not write.
+    demo_extra = []
+    for example in split.train_persona_examples:
+        for _ in range(variants_per_demo):
+            v = perturb(example.user, rng)
+            if text_hash(v) not in seen_irr:
+                seen_irr.add(text_hash(v))
+                demo_extra.append(PersonaExample(v, example.assistant))
     out = Split(**{k: list(v) for k, v in vars(split).items()})
     out.train_tools = split.train_tools + extra
     out.train_irrelevant = split.train_irrelevant + irrelevant_extra
+    out.train_persona_examples = split.train_persona_examples + demo_extra
     check_no_leak(out)
     return out
 

@@ -160,7 +160,7 @@ PROFILE_PRESETS: dict[str, ProfilePreset] = {
         steps=120, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40, eval_persona_queries=6
     ),
     "standard": ProfilePreset(
-        steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=64, eval_persona_queries=0
+        steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=2, max_new_tokens=64, eval_persona_queries=0
     ),
     "thorough": ProfilePreset(
         steps=1000, batch_size=16, heldout_fraction=0.2, persona_samples=2, max_new_tokens=96, eval_persona_queries=0

@@ -56,11 +56,14 @@ class TrainConfig:
     kl_weight: float = 1.0  # weight of the distillation term beside cross-entropy
     seed: int = 0
     max_length: int = 384  # longer items are cut from the right
-    # share of batch items per pool; "answers" are full tool conversations (call, result, answer)
-    mix: dict[str, float] = field(
-        default_factory=lambda: {"tools": 0.42, "answers": 0.03, "demos": 0.25, "distill": 0.30}
-    )
+    # share of batch items per pool; "answers" are full tool conversations (call, result, answer).
+    # The pipeline splits "tools" into one pool per tool ("tools/NAME").
+    mix: dict[str, float] = field(default_factory=lambda: TrainConfig.default_mix())
     micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
+
+    @staticmethod
+    def default_mix() -> dict[str, float]:
+        return {"tools": 0.42, "answers": 0.03, "demos": 0.25, "distill": 0.30}
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:

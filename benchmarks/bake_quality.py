@@ -119,7 +119,9 @@ def main() -> None:
             default=str,
         )
     )
-    print(f"\nwrote {out}")
+    samples = {k: v for k, v in m.items() if k.endswith("samples")}
+    (out.parent / f"bake_quality-{args.profile}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
+    print(f"\nwrote {out} and the per-case samples beside it")
 
 
 if __name__ == "__main__":

@@ -109,3 +109,46 @@ def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None
         numbers = re.findall(r"\d+", case.query)
         assert numbers and all(n in expression for n in numbers), (case.query, expression)
     assert arithmetic_variants(by_name["get_vehicle_signal"], random.Random(0)) == []
+
+
+def test_numeric_variants_redraw_the_users_numbers_and_keep_the_constants() -> None:
+    import random
+
+    from baking.data import ToolCase, numeric_variants
+    from baking.spec import ToolSpec
+    from baking.toolcalls import safe_eval_arithmetic
+
+    calculator = ToolSpec(
+        name="calculator",
+        description="arithmetic",
+        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+        argument_match={"expression": "expression"},
+    )
+    case = ToolCase("calculator", "The van shows 28,500 miles; convert that to km.", {"expression": "28500 * 1.609344"})
+    variants = numeric_variants(case, calculator, random.Random(0), 5)
+    assert len(variants) == 5
+    for v in variants:
+        miles = float(re.search(r"[\d,]+", v.query).group().replace(",", ""))  # type: ignore[union-attr]
+        assert miles != 28500 and 14250 <= miles <= 57000
+        assert v.arguments["expression"].endswith(" * 1.609344")  # the constant the phrasing implies stays
+        assert safe_eval_arithmetic(v.arguments["expression"]) == pytest.approx(miles * 1.609344)
+        assert v.synthetic and v.answer is None  # no stale tool result or answer rides along
+
+    negative = ToolCase("calculator", "What is -18 °C in kelvin?", {"expression": "-18 + 273.15"})
+    for v in numeric_variants(negative, calculator, random.Random(1), 3):
+        celsius = float(re.search(r"-?\d+", v.query).group())  # type: ignore[union-attr]
+        assert celsius < 0 and safe_eval_arithmetic(v.arguments["expression"]) == pytest.approx(celsius + 273.15)
+
+    # A number the expression uses twice is ambiguous (a constant, or the user's?): left alone.
+    ambiguous = ToolCase("calculator", "Displacement of 4 cylinders?", {"expression": "3.14159265 / 4 * 4"})
+    assert numeric_variants(ambiguous, calculator, random.Random(0), 3) == []
+
+
+def test_augmentation_adds_demonstration_phrasings_without_leaking(fleet_dict: dict) -> None:
+    spec = BakeSpec.from_dict(fleet_dict)
+    split = split_spec(spec)
+    augmented = augment(split, spec)
+    assert len(augmented.train_persona_examples) > len(split.train_persona_examples)
+    answers = {e.assistant for e in split.train_persona_examples}
+    assert all(e.assistant in answers for e in augmented.train_persona_examples)  # same replies, new phrasings
+    check_no_leak(augmented)
