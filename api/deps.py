@@ -13,6 +13,7 @@ from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
 from api.errors import ApiError
+from api.limits import RateLimiter
 from core.db import get_sessionmaker
 from core.queue import enqueue_bake
 from core.settings import Settings
@@ -126,3 +127,19 @@ def get_tenant(request: Request, settings: SettingsDep, session: SessionDep) -> 
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+def enforce_rate_limit(request: Request, tenant: TenantDep) -> None:
+    """429 with Retry-After once the tenant is over BAKEHOUSE_RATE_LIMIT; put on the /v1 routers."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    wait = limiter.retry_after(tenant)
+    if wait is not None:
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"tenant {tenant!r} is over its request rate ({limiter.description}); retry in {wait} s",
+            headers={"Retry-After": str(wait)},
+        )
+
+
+RateLimited = Depends(enforce_rate_limit)

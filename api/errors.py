@@ -69,6 +69,16 @@ class ApiError(Exception):
         self.extra = dict(extra or {})
 
 
+def field_error(field: str, message: str) -> ApiError:
+    """A 422 in the same shape as request validation errors, for checks that need the settings."""
+    return ApiError(
+        422,
+        "validation_error",
+        f"{field}: {message}",
+        extra={"errors": [{"field": field, "message": message}]},
+    )
+
+
 def problem_body(status: int, code: str, detail: str, **extra: Any) -> dict[str, Any]:
     return {
         "type": PROBLEM_TYPE_BASE + code,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api import errors
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, JsonDepthLimit, RateLimiter
 from api.metrics import Metrics, MetricsMiddleware
 from api.routes import artifacts, compliance, health, jobs
 from api.schemas import Problem
@@ -21,9 +21,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.rate_limiter = RateLimiter(settings.rate_limit, settings.resolved_rate_limit_storage_url)
     errors.install(app)
     for module in (jobs, artifacts, compliance, health):
         app.include_router(module.router)
+    # Last added runs first: the size limit bounds what the depth limit buffers.
+    app.add_middleware(JsonDepthLimit, max_depth=settings.max_json_depth)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)  # outermost: sees every response
     _document_problem(app)

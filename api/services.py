@@ -8,15 +8,22 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.deps import Enqueue
-from api.errors import ApiError, problem_body
+from api.errors import ApiError, field_error, problem_body
 from api.schemas import BakeJobPublic
 from core import idempotency, jobs
+from core.settings import Settings
+from core.sources import check_model_source
 from core.spec import BakeJobSpec
+from models import Job
 
 log = logging.getLogger("bakehouse.api")
+
+# A job runs for minutes: there is no exact moment a slot frees, so clients are told to wait a while.
+ACTIVE_JOBS_RETRY_AFTER_S = 30
 
 
 @dataclass(frozen=True)
@@ -32,23 +39,29 @@ def submit_bake_job(
     session: Session,
     spec: BakeJobSpec,
     tenant: str,
-    max_attempts: int,
+    settings: Settings,
     enqueue: Enqueue,
     idempotency_key: str | None,
 ) -> Submitted:
-    """Create the job row, commit, then enqueue its id.
+    """Check the model source, create the job row, commit, then enqueue its id.
 
     With an Idempotency-Key the key is reserved first and its outcome commits with the job, so a
-    retry replays the same 202. If the broker refuses the job it is marked failed
-    (`queue_unavailable`) and the key is released, so the client's retry makes a new attempt.
+    retry replays the same 202 (also when the tenant is at its cap of active jobs by then). If the
+    broker refuses the job it is marked failed (`queue_unavailable`) and the key is released, so
+    the client's retry makes a new attempt.
     """
+    try:
+        check_model_source(spec.model, settings)
+    except ValueError as exc:
+        raise field_error("model", str(exc)) from exc
     payload_hash = idempotency.request_hash(spec.model_dump(mode="json", exclude_unset=True))
     if idempotency_key is not None:
         replay = idempotency.begin(session=session, tenant=tenant, key=idempotency_key, payload_hash=payload_hash)
         if replay is not None:
             return Submitted(replay.status_code, replay.body, created=False, replayed=True)
     try:
-        job = jobs.create_job(session=session, spec=spec, tenant=tenant, max_attempts=max_attempts)
+        _require_job_slot(session=session, tenant=tenant, limit=settings.max_active_jobs_per_tenant)
+        job = jobs.create_job(session=session, spec=spec, tenant=tenant, max_attempts=settings.max_attempts)
         body = BakeJobPublic.from_row(job).model_dump(mode="json")
         if idempotency_key is not None:
             idempotency.complete(
@@ -77,6 +90,26 @@ def submit_bake_job(
             extra={"job_id": job.id},
         ) from exc
     return Submitted(202, body, created=True)
+
+
+def _require_job_slot(*, session: Session, tenant: str, limit: int) -> None:
+    """429 when the tenant already has `limit` jobs queued or running.
+
+    A soft cap: two submissions racing for the last slot can both pass. It keeps one tenant
+    from filling the queue, which does not need a lock.
+    """
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant == tenant, Job.status.in_(jobs.ACTIVE))
+    )
+    if active is not None and active >= limit:
+        raise ApiError(
+            429,
+            "too_many_active_jobs",
+            f"tenant {tenant!r} has {active} active bake jobs (the limit is {limit}); "
+            "wait for one to finish or cancel one, then retry",
+            headers={"Retry-After": str(ACTIVE_JOBS_RETRY_AFTER_S)},
+            extra={"active_jobs": active, "limit": limit},
+        )
 
 
 def _release_quietly(*, session: Session, tenant: str, key: str) -> None:

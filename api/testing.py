@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,9 +136,13 @@ def api_harness(
     api_keys: str = "",
     max_body_bytes: int | None = None,
     raise_server_exceptions: bool = True,
+    **overrides: Any,
 ) -> Iterator[Harness]:
+    """`overrides` are further Settings fields. file:// models are allowed under `data_dir` and
+    the system temp dir (where pytest puts its tmp paths) unless `model_roots` is given."""
     extra: dict[str, Any] = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
-    settings = Settings(data_dir=data_dir, database_url=database_url, api_keys=api_keys, **extra)
+    overrides.setdefault("model_roots", f"{data_dir},{tempfile.gettempdir()}")
+    settings = Settings(data_dir=data_dir, database_url=database_url, api_keys=api_keys, **extra, **overrides)
     app = create_app(settings)
     queue = RecordingQueue(database_url=database_url)
     app.dependency_overrides[get_settings] = lambda: settings

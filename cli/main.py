@@ -61,9 +61,14 @@ def settings() -> Any:
 @app.command()
 def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Embedded mode: migrate, then run the API and one worker until Ctrl-C."""
-    from cli.serve import run_together
+    from cli.serve import UnsafeBind, migrate, require_keys_unless_loopback, run_together
 
     s = settings()
+    try:
+        migrate(s)  # the stored keys are read from the database
+        require_keys_unless_loopback(s, host)
+    except UnsafeBind as exc:
+        fail(str(exc))
     out.print(f"bakehouse on http://{host}:{port}  data: {s.data_dir}  (Ctrl-C stops)")
     raise typer.Exit(run_together(s, host, port))
 
@@ -77,10 +82,16 @@ def api(
     """Run only the HTTP API."""
     import uvicorn
 
+    from cli.serve import UnsafeBind, require_keys_unless_loopback
     from cli.serve import migrate as run_migrations
 
+    s = settings()
     if migrate:
-        run_migrations(settings())
+        run_migrations(s)
+    try:
+        require_keys_unless_loopback(s, host)
+    except UnsafeBind as exc:
+        fail(str(exc))
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
 
 

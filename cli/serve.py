@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -46,6 +47,48 @@ def api_argv(host: str, port: int, *, log_level: str = "info") -> list[str]:
         "--log-level",
         log_level,
     ]
+
+
+class UnsafeBind(Exception):
+    """Listening where others can reach the API while it has no API keys, so no authentication."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # any other host name may resolve to a public address
+
+
+def has_api_keys(settings: Settings) -> bool:
+    """Keys in BAKEHOUSE_API_KEYS or stored with `bakehouse keys create` (revoked ones count too:
+    the API then refuses every request rather than opening up)."""
+    if settings.api_key_map:
+        return True
+    from sqlalchemy import exists, select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.db import get_sessionmaker
+    from models import ApiKey
+
+    try:
+        with get_sessionmaker(settings.resolved_database_url)() as session:
+            return bool(session.scalar(select(exists().where(ApiKey.id.is_not(None)))))
+    except SQLAlchemyError as exc:
+        raise UnsafeBind(f"could not read the stored API keys ({type(exc).__name__}); run migrations first") from exc
+
+
+def require_keys_unless_loopback(settings: Settings, host: str) -> None:
+    """Without API keys every request is the "default" tenant: fine on 127.0.0.1, not on a network."""
+    if is_loopback(host) or has_api_keys(settings):
+        return
+    raise UnsafeBind(
+        f"refusing to listen on {host!r} with no API keys: anyone who can reach it could submit and "
+        "download bake jobs. Set BAKEHOUSE_API_KEYS=tenant:key, or run `bakehouse keys create --tenant NAME`, "
+        "or listen on 127.0.0.1."
+    )
 
 
 def migrate(settings: Settings) -> None:

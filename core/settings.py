@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     # "tenant:key,tenant:key" pairs for simple deployments; empty means no auth (loopback only).
     api_keys: str = ""
     model_roots: str = Field(default="", description="Comma-separated roots allowed for file:// models.")
+    # Empty allows no s3:// model at all: a bucket must be named to be trusted.
+    model_buckets: str = Field(default="", description="Comma-separated S3 buckets allowed for s3:// models.")
     max_attempts: int = Field(default=3, ge=1)
     lease_seconds: int = Field(default=60, ge=5)
     heartbeat_seconds: int = Field(default=10, ge=1)
@@ -38,6 +40,11 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(default=12 * 3600, ge=60)
     queue_name: str = "bake"
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=32, ge=4, le=256, description="Deepest nesting a JSON body may have.")
+    rate_limit: str = Field(default="600/minute", description="Requests per tenant, in `limits` notation.")
+    # None: the broker's Redis when the broker is Redis (shared by every API replica), else memory://.
+    rate_limit_storage_url: str | None = None
+    max_active_jobs_per_tenant: int = Field(default=8, ge=1, description="Queued + running jobs per tenant.")
 
     @property
     def models_dir(self) -> Path:
@@ -72,13 +79,34 @@ class Settings(BaseSettings):
 
     @property
     def model_root_paths(self) -> list[Path]:
-        roots = [Path(p).expanduser().resolve() for p in self.model_roots.split(",") if p.strip()]
+        roots = [Path(p.strip()).expanduser().resolve() for p in self.model_roots.split(",") if p.strip()]
         return roots or [self.models_dir.resolve()]
+
+    @property
+    def model_bucket_names(self) -> frozenset[str]:
+        return frozenset(b.strip() for b in self.model_buckets.split(",") if b.strip())
+
+    @property
+    def resolved_rate_limit_storage_url(self) -> str:
+        if self.rate_limit_storage_url:
+            return self.rate_limit_storage_url
+        broker = self.resolved_broker_url
+        return broker if broker.startswith(("redis://", "rediss://")) else "memory://"
 
     @model_validator(mode="after")
     def _fail_fast_on_unsafe_combinations(self) -> Settings:
         _ = self.api_key_map  # malformed keys fail at start, not on the first request
+        _parse_rate_limit(self.rate_limit)
         return self
+
+
+def _parse_rate_limit(value: str) -> None:
+    from limits import parse_many
+
+    try:
+        parse_many(value)
+    except ValueError as exc:
+        raise ValueError(f"BAKEHOUSE_RATE_LIMIT {value!r} is not like '600/minute': {exc}") from exc
 
 
 @lru_cache

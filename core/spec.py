@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 COMPLIANCE_PROFILES_DIR = Path(__file__).resolve().parent.parent / "baking" / "compliance_profiles"
 TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# Free-form JSON (tool schemas, arguments, results) is walked by the worker and by jsonschema:
+# bounded so no consumer recurses without end. Legitimate tool schemas are a few levels deep.
+MAX_VALUE_DEPTH = 16
+Text = Annotated[str, StringConstraints(max_length=2000)]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 MODEL_URL = re.compile(r"^(bakehouse://[a-z0-9][a-z0-9._-]{0,127}|file:///.+|s3://[a-z0-9][a-z0-9.-]{1,62}/.*)$")
 
 
@@ -21,11 +27,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def json_depth(value: Any, *, stop_above: int = MAX_VALUE_DEPTH) -> int:
+    """Nesting depth of dicts/lists (a scalar is 0, {} is 1); iterative, stops once past `stop_above`."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > stop_above:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _bounded_depth(value: Any) -> Any:
+    if json_depth(value) > MAX_VALUE_DEPTH:
+        raise ValueError(f"nests deeper than {MAX_VALUE_DEPTH} levels")
+    return value
+
+
 class ToolExample(_Strict):
     query: str = Field(min_length=1, max_length=2000)
     arguments: dict[str, Any]
     result: Any | None = Field(default=None, description="Tool output for this call, from a real execution.")
     answer: str | None = Field(default=None, max_length=4000, description="Final answer in persona.")
+
+    @field_validator("arguments", "result")
+    @classmethod
+    def _shallow(cls, v: Any) -> Any:
+        return _bounded_depth(v)
 
 
 class ToolSpec(_Strict):
@@ -50,7 +86,7 @@ class ToolSpec(_Strict):
     def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
         if v.get("type") != "object" or not isinstance(v.get("properties", {}), dict):
             raise ValueError("must be a JSON Schema object: {type: object, properties: {...}}")
-        return v
+        return _bounded_depth(v)
 
     @model_validator(mode="after")
     def _examples_match_schema(self) -> ToolSpec:
@@ -81,9 +117,9 @@ class PersonaSpec(_Strict):
     style: Literal["formal", "casual", "technical", "friendly", "professional"] = "professional"
     expertise: Literal["beginner", "intermediate", "expert"] = "expert"
     domain: str = Field(default="general", max_length=200)
-    guidelines: list[str] = Field(default_factory=list, max_length=50)
+    guidelines: list[Text] = Field(default_factory=list, max_length=50)
     system_prompt: str | None = Field(default=None, max_length=20000)
-    sample_queries: list[str] = Field(default_factory=list, max_length=2000)
+    sample_queries: list[Text] = Field(default_factory=list, max_length=2000)
     examples: list[PersonaExample] = Field(default_factory=list, max_length=2000)
 
 
@@ -119,9 +155,9 @@ class TrainingSpec(_Strict):
 
 
 class BakeJobSpec(_Strict):
-    model: str = Field(description="bakehouse://NAME, file:///abs/dir or s3://bucket/prefix/")
+    model: str = Field(max_length=2048, description="bakehouse://NAME, file:///abs/dir or s3://bucket/prefix/")
     tools: list[ToolSpec] = Field(default_factory=list, max_length=64)
-    irrelevant_examples: list[str] = Field(default_factory=list, max_length=2000)
+    irrelevant_examples: list[Text] = Field(default_factory=list, max_length=2000)
     persona: PersonaSpec | None = None
     optimize: OptimizeSpec = Field(default_factory=OptimizeSpec)
     targets: TargetsSpec = Field(default_factory=TargetsSpec)
@@ -129,7 +165,7 @@ class BakeJobSpec(_Strict):
     profile: Literal["quick", "standard", "thorough"] = "standard"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compliance_profile: str = Field(default="default", max_length=64)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=32)
+    metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=32)
 
     @field_validator("model")
     @classmethod

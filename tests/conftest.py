@@ -42,6 +42,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True)
+def model_roots_allow_pytest_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """file:// models that tests make under pytest's temp dirs are allowed model sources."""
+    if "BAKEHOUSE_MODEL_ROOTS" not in os.environ:
+        monkeypatch.setenv("BAKEHOUSE_MODEL_ROOTS", str(tmp_path_factory.getbasetemp()))
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh Postgres database migrated to head, dropped at the end of the run."""

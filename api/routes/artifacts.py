@@ -7,15 +7,20 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import Response, StreamingResponse
 
-from api.deps import SessionDep, StoreDep, TenantDep
+from api.deps import RateLimited, SessionDep, StoreDep, TenantDep
 from api.errors import ApiError
-from api.routes import API_PREFIX
+from api.routes import API_PREFIX, NOT_FOUND, TENANT_RESPONSES, problem
 from api.schemas import ArtifactPublic, ArtifactsPublic
 from api.services import etag_matches, parse_range
 from core import jobs
 from core.store import StoreError, validate_key
 
-router = APIRouter(prefix=API_PREFIX + "/bake-jobs/{job_id}/artifacts", tags=["artifacts"])
+router = APIRouter(
+    prefix=API_PREFIX + "/bake-jobs/{job_id}/artifacts",
+    tags=["artifacts"],
+    dependencies=[RateLimited],
+    responses={**TENANT_RESPONSES, **NOT_FOUND},
+)
 
 
 @router.get("", response_model=ArtifactsPublic)
@@ -31,7 +36,7 @@ def list_artifacts(job_id: str, tenant: TenantDep, session: SessionDep) -> Artif
         200: {"content": {"application/octet-stream": {}}},
         206: {"description": "Partial content"},
         304: {"description": "Not modified"},
-        416: {"description": "Range not satisfiable"},
+        416: problem("Range not satisfiable; `Content-Range` gives the size"),
     },
 )
 def download_artifact(

@@ -8,13 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-from api.deps import SessionDep, TenantDep
+from api.deps import RateLimited, SessionDep, TenantDep
 from api.render import report_html, report_markdown
-from api.routes import API_PREFIX
+from api.routes import API_PREFIX, TENANT_RESPONSES, problem
 from api.schemas import ComplianceReportsPublic, ComplianceReportSummary
 from core import jobs
 
-router = APIRouter(prefix=API_PREFIX, tags=["compliance"])
+router = APIRouter(prefix=API_PREFIX, tags=["compliance"], dependencies=[RateLimited], responses=TENANT_RESPONSES)
 
 
 @router.get(
@@ -22,7 +22,7 @@ router = APIRouter(prefix=API_PREFIX, tags=["compliance"])
     response_model=dict[str, Any],
     responses={
         200: {"content": {"text/markdown": {}, "text/html": {}}},
-        404: {"description": "No such job, or `compliance_not_produced` until the job writes its report"},
+        404: problem("No such job, or `compliance_not_produced` until the job writes its report"),
     },
 )
 def get_compliance(

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import SettingsDep, StoreDep
 from api.errors import PROBLEM_JSON
 from api.health import readiness
+from api.routes import problem
 from api.schemas import HealthPublic
 from api.services import not_ready_body
 
@@ -21,7 +22,7 @@ def healthz() -> HealthPublic:
     return HealthPublic()
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unavailable (problem+json with `checks`)"}})
+@router.get("/readyz", responses={503: problem("A dependency is unavailable; `checks` names each one")})
 async def readyz(settings: SettingsDep, store: StoreDep) -> JSONResponse:
     checks = await run_in_threadpool(readiness, settings, store)
     if all(state == "ok" for state in checks.values()):

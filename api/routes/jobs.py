@@ -7,10 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
-from api.errors import PROBLEM_JSON
+from api.deps import QueueDep, RateLimited, SessionDep, SettingsDep, TenantDep
 from api.events import event_stream, wants_event_stream
-from api.routes import API_PREFIX
+from api.routes import API_PREFIX, NOT_FOUND, TENANT_RESPONSES, problem
 from api.schemas import (
     BakeJobCreate,
     BakeJobPublic,
@@ -22,15 +21,10 @@ from api.schemas import (
 from api.services import submit_bake_job
 from core import jobs
 
-router = APIRouter(prefix=f"{API_PREFIX}/bake-jobs", tags=["bake-jobs"])
+router = APIRouter(
+    prefix=f"{API_PREFIX}/bake-jobs", tags=["bake-jobs"], dependencies=[RateLimited], responses=TENANT_RESPONSES
+)
 
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {
-        "description": text,
-        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
-    for code, text in ((401, "Missing or invalid API key"), (404, "Not found"), (422, "Invalid request"))
-}
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
@@ -39,9 +33,11 @@ Limit = Annotated[int, Query(ge=1, le=100)]
     status_code=202,
     response_model=BakeJobPublic,
     responses={
-        **_ERRORS,
-        409: {"description": "Idempotency-Key request in flight"},
-        503: {"description": "Queue down"},
+        400: problem("The body is not readable as JSON text (e.g. not UTF-8)"),
+        409: problem("Idempotency-Key request in flight"),
+        413: problem("Body over BAKEHOUSE_MAX_BODY_BYTES"),
+        429: problem("Over the request rate, or the tenant has BAKEHOUSE_MAX_ACTIVE_JOBS_PER_TENANT active jobs"),
+        503: problem("Queue down"),
     },
 )
 def create_bake_job(
@@ -57,7 +53,7 @@ def create_bake_job(
         session=session,
         spec=body,
         tenant=tenant,
-        max_attempts=settings.max_attempts,
+        settings=settings,
         enqueue=enqueue,
         idempotency_key=idempotency_key,
     )
@@ -69,7 +65,7 @@ def create_bake_job(
     return JSONResponse(result.body, status_code=result.status_code, headers=headers)
 
 
-@router.get("", response_model=BakeJobsPublic, responses=_ERRORS)
+@router.get("", response_model=BakeJobsPublic)
 def list_bake_jobs(
     tenant: TenantDep,
     session: SessionDep,
@@ -87,7 +83,7 @@ def list_bake_jobs(
     return BakeJobsPublic(data=data, has_more=has_more, next_after=data[-1].id if has_more else None)
 
 
-@router.get("/{job_id}", response_model=BakeJobPublic, responses=_ERRORS)
+@router.get("/{job_id}", response_model=BakeJobPublic, responses=NOT_FOUND)
 def get_bake_job(job_id: str, tenant: TenantDep, session: SessionDep) -> BakeJobPublic:
     return BakeJobPublic.from_row(jobs.require_job(session=session, tenant=tenant, job_id=job_id))
 
@@ -95,7 +91,7 @@ def get_bake_job(job_id: str, tenant: TenantDep, session: SessionDep) -> BakeJob
 @router.post(
     "/{job_id}/cancel",
     response_model=BakeJobPublic,
-    responses={**_ERRORS, 409: {"description": "The job already finished"}},
+    responses={**NOT_FOUND, 409: problem("The job already finished")},
 )
 def cancel_bake_job(job_id: str, tenant: TenantDep, session: SessionDep) -> BakeJobPublic:
     job = jobs.request_cancel(session=session, tenant=tenant, job_id=job_id)
@@ -107,7 +103,7 @@ def cancel_bake_job(job_id: str, tenant: TenantDep, session: SessionDep) -> Bake
     "/{job_id}/events",
     response_model=JobEventsPublic,
     responses={
-        **_ERRORS,
+        **NOT_FOUND,
         200: {"content": {"text/event-stream": {}}, "description": "JSON page, or SSE on request"},
     },
 )

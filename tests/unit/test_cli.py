@@ -152,3 +152,48 @@ def test_job_submit_payload_spec(tmp_path: Path) -> None:
     from core.spec import BakeJobSpec
 
     BakeJobSpec.model_validate(spec)  # the example is a valid job as it is
+
+
+# --- refusing an open bind without keys ----------------------------------------------------
+
+
+@pytest.fixture
+def no_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A fresh data dir with no keys; the launchers are replaced so nothing really binds."""
+    from core.settings import get_settings
+
+    monkeypatch.setenv("BAKEHOUSE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("BAKEHOUSE_API_KEYS", raising=False)
+    started: list[str] = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: started.append("api"))
+    monkeypatch.setattr("cli.serve.run_together", lambda *a, **kw: started.append("serve") or 0)
+    get_settings.cache_clear()
+    yield started
+    get_settings.cache_clear()
+
+
+@pytest.mark.parametrize("command", ["api", "serve"])
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "bakehouse.internal"])
+def test_open_bind_without_keys_is_refused(no_keys: list[str], command: str, host: str) -> None:
+    result = CliRunner().invoke(cli.main.app, [command, "--host", host])
+    assert result.exit_code == 1
+    assert "refusing to listen on" in result.output and "BAKEHOUSE_API_KEYS" in result.output
+    assert no_keys == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
+def test_loopback_without_keys_is_allowed(no_keys: list[str], host: str) -> None:
+    result = CliRunner().invoke(cli.main.app, ["api", "--host", host])
+    assert result.exit_code == 0, result.output
+    assert no_keys == ["api"]
+
+
+def test_open_bind_with_keys_is_allowed(no_keys: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.settings import get_settings
+
+    assert CliRunner().invoke(cli.main.app, ["keys", "create", "--tenant", "acme"]).exit_code == 0
+    assert CliRunner().invoke(cli.main.app, ["serve", "--host", "0.0.0.0"]).exit_code == 0
+    monkeypatch.setenv("BAKEHOUSE_API_KEYS", "acme:k")
+    get_settings.cache_clear()
+    assert CliRunner().invoke(cli.main.app, ["api", "--host", "0.0.0.0", "--no-migrate"]).exit_code == 0
+    assert no_keys == ["serve", "api"]
