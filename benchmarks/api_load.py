@@ -78,7 +78,8 @@ def throwaway_database(admin_url: str) -> Iterator[str]:
 
 
 @contextmanager
-def api_server(database_url: str, broker_url: str) -> Iterator[str]:
+def api_server(database_url: str, broker_url: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """uvicorn on a free loopback port; `extra_env` (BAKEHOUSE_* settings) wins over the defaults."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bakehouse-bench-") as data_dir:
         env = {
@@ -87,6 +88,7 @@ def api_server(database_url: str, broker_url: str) -> Iterator[str]:
             "BAKEHOUSE_BROKER_URL": broker_url,
             "BAKEHOUSE_DATA_DIR": data_dir,
             "BAKEHOUSE_API_KEYS": "",
+            **(extra_env or {}),
         }
         cmd = [
             sys.executable,

@@ -67,14 +67,17 @@ def _owned(job_id: str, worker_id: str) -> Any:
 def claim_job(*, session: Session, job_id: str, worker_id: str, lease_seconds: int, max_attempts: int) -> ClaimOutcome:
     """Take the job if it is queued or its lease is stale; count the attempt; cap attempts.
 
-    A stale lease whose attempts are spent is not run again: the job fails with `worker_lost`
-    at the stage where the last worker died.
+    The cap is the lower of the job's own `max_attempts` (fixed when it was accepted) and the
+    worker's, so a worker configured differently from the API never runs a job more often than
+    it was promised. A stale lease whose attempts are spent is not run again: the job fails with
+    `worker_lost` at the stage where the last worker died.
     """
+    cap = case((Job.max_attempts < max_attempts, Job.max_attempts), else_=max_attempts)  # portable least()
     now = utcnow()
     expires = now + timedelta(seconds=lease_seconds)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, or_(Job.status == "queued", _stale(now)), Job.attempts < max_attempts)
+        .where(Job.id == job_id, or_(Job.status == "queued", _stale(now)), Job.attempts < cap)
         .values(
             status=case((Job.cancel_requested.is_(True), "cancelling"), else_="running"),
             lease_owner=worker_id,
@@ -104,10 +107,11 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_seconds: i
         return ClaimOutcome("leased", attempts=job.attempts, lease_expires_at=job.lease_expires_at)
     # Queued or stale, but the attempts are spent.
     stage = job.stage
-    message = f"the worker running this job stopped responding and {job.attempts} of {max_attempts} attempts are spent"
+    spent = min(job.max_attempts, max_attempts)
+    message = f"the worker running this job stopped responding and {job.attempts} of {spent} attempts are spent"
     failed = session.execute(
         update(Job)
-        .where(Job.id == job_id, or_(Job.status == "queued", _stale(now)), Job.attempts >= max_attempts)
+        .where(Job.id == job_id, or_(Job.status == "queued", _stale(now)), Job.attempts >= cap)
         .values(
             status="failed",
             error={"code": "worker_lost", "message": message, "stage": stage},
@@ -312,6 +316,18 @@ def orphan_candidates(*, session: Session) -> list[tuple[str, float]]:
     rows = session.execute(select(Job.id, Job.lease_expires_at).where(Job.status.in_(ACTIVE))).all()
     session.commit()
     return [(job_id, max(0.0, (exp - now).total_seconds()) if exp else 0.0) for job_id, exp in rows]
+
+
+def stale_jobs(*, session: Session) -> list[tuple[str, int]]:
+    """(id, attempts) of active jobs whose lease ran out: their worker died or lost the database.
+
+    Workers re-enqueue these while they run (worker.celery_app.OrphanSweeper), so a job whose
+    worker was killed is taken over by a live worker after about one lease, not only when a
+    worker restarts or the broker's visibility timeout (hours) redelivers the message.
+    """
+    rows = session.execute(select(Job.id, Job.attempts).where(_stale(utcnow()))).all()
+    session.commit()
+    return [(job_id, int(attempts)) for job_id, attempts in rows]
 
 
 class Throttle:

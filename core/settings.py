@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     # Empty allows no s3:// model at all: a bucket must be named to be trusted.
     model_buckets: str = Field(default="", description="Comma-separated S3 buckets allowed for s3:// models.")
     max_attempts: int = Field(default=3, ge=1)
+    # How long the worker retries an unreachable object store (backoff 0.5-10 s) before failing the job.
+    storage_retry_seconds: float = Field(default=120.0, ge=0.0)
     lease_seconds: int = Field(default=60, ge=5)
     heartbeat_seconds: int = Field(default=10, ge=1)
     # Longer than the longest job, so Redis does not redeliver a running job to a second worker.

@@ -53,13 +53,16 @@ def model_roots_allow_pytest_tmp(tmp_path_factory: pytest.TempPathFactory, monke
 def pg_url() -> Iterator[str]:
     """A fresh Postgres database migrated to head, dropped at the end of the run."""
     from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
 
     from core.db import upgrade_database
 
     if not port_open("127.0.0.1", 5432):
         service_missing("PostgreSQL (127.0.0.1:5432)", "port closed")
     name = f"bakehouse_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    # No pool: a connection kept across a Postgres restart (the fault tests do one) would make the
+    # DROP at teardown fail and leak the database.
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool)
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown
 
 from core.settings import Settings, get_settings
 
@@ -67,3 +69,67 @@ def _requeue_orphans(sender: Any = None, **_: Any) -> None:
     for job_id, wait_s in candidates:
         log.info("re-enqueueing active job %s (lease free in %.0fs)", job_id, wait_s)
         app.send_task(BAKE_TASK, args=[job_id], queue=settings.queue_name, countdown=wait_s + 1.0)
+
+
+class OrphanSweeper(threading.Thread):
+    """Every half lease, re-enqueue active jobs whose lease ran out, while this worker lives.
+
+    The start-up re-enqueue above only helps when a worker (re)starts. This covers the case
+    where the worker that died is not coming back and the others keep running. Each (job,
+    attempt) is sent once, and again only after `resend_after` seconds in case that message was
+    lost too; a claim makes every duplicate a no-op.
+    """
+
+    def __init__(self, lease_seconds: int) -> None:
+        super().__init__(name="orphan-sweeper", daemon=True)
+        self.interval = max(1.0, lease_seconds / 2)
+        self.resend_after = 10.0 * lease_seconds
+        self._sent: dict[tuple[str, int], float] = {}
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.sweep()
+            except Exception:  # the database or broker may be restarting; try again next round
+                log.exception("orphan sweep failed")
+
+    def sweep(self) -> list[str]:
+        from core.db import get_sessionmaker
+        from core.queue import enqueue_bake
+        from core.runs import stale_jobs
+
+        settings = get_settings()
+        with get_sessionmaker(settings.resolved_database_url)() as session:
+            stale = stale_jobs(session=session)
+        now = time.monotonic()
+        self._sent = {k: t for k, t in self._sent.items() if now - t < self.resend_after}
+        sent: list[str] = []
+        for job_id, attempts in stale:
+            if (job_id, attempts) in self._sent:
+                continue
+            log.info("re-enqueueing job %s: its lease ran out (attempt %d)", job_id, attempts)
+            enqueue_bake(broker_url=settings.resolved_broker_url, queue=settings.queue_name, job_id=job_id)
+            self._sent[(job_id, attempts)] = now
+            sent.append(job_id)
+        return sent
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+_sweeper: OrphanSweeper | None = None
+
+
+@worker_ready.connect
+def _start_sweeper(sender: Any = None, **_: Any) -> None:
+    global _sweeper
+    if _sweeper is None:
+        _sweeper = OrphanSweeper(get_settings().lease_seconds)
+        _sweeper.start()
+
+
+@worker_shutdown.connect
+def _stop_sweeper(sender: Any = None, **_: Any) -> None:
+    if _sweeper is not None:
+        _sweeper.stop()

@@ -4,6 +4,13 @@ The job row decides everything: a message for a job that is finished, or leased 
 worker, does nothing. Outcomes are written only while this worker owns the lease, and a
 failed job leaves nothing under its prefix in the store.
 
+Outages: an object store that stops answering is retried with exponential backoff for
+BAKEHOUSE_STORAGE_RETRY_SECONDS (default 120) before the job fails with `storage_error` at the
+stage it was in; a database that restarts is retried for the writes that decide the job (stage
+changes, the outcome, the ownership check before a cleanup), while progress and events are
+best effort. Artifacts are published by the database commit that lists them: an object in the
+store without an artifact row is never served, and a failed attempt deletes what it uploaded.
+
 Test hook: when BAKEHOUSE_TEST_STAGE_DELAY_S is set (seconds, float), the runner sleeps that
 long after entering each stage, so tests can kill a worker in the middle of a job. It is
 read only here and has no effect when unset.
@@ -24,15 +31,26 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+from tenacity.stop import stop_base
 
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult
 from core import runs
 from core.db import get_sessionmaker
 from core.settings import Settings
+from core.sources import check_model_source
 from core.store import ObjectStore, StoreError, open_store, s3_options, sha256_file, store_from_settings
 
 log = logging.getLogger(__name__)
@@ -60,13 +78,103 @@ def jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, allow_nan=True))
 
 
+T = TypeVar("T")
+
+# How long the writes that decide a job keep retrying a database that went away (a restart or a
+# failover takes seconds); longer than that, the job is left to lease expiry and a retry.
+DB_RETRY_SECONDS = 60.0
+
+
 def _stage_delay() -> float:
     raw = os.environ.get("BAKEHOUSE_TEST_STAGE_DELAY_S")
     return float(raw) if raw else 0.0
 
 
+def storage_retry_seconds() -> float:
+    """How long an upload or download keeps retrying an unreachable object store
+    (BAKEHOUSE_STORAGE_RETRY_SECONDS, read fresh so tests may change it per call)."""
+    return Settings().storage_retry_seconds
+
+
 class StorageFailed(Exception):
     pass
+
+
+def _never() -> bool:
+    return False
+
+
+class stop_when(stop_base):  # noqa: N801 - named like tenacity's own stop conditions
+    """Stop retrying once `predicate()` is true (a cancel or a lost lease)."""
+
+    def __init__(self, predicate: Callable[[], bool]) -> None:
+        self.predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self.predicate()
+
+
+def with_storage_retry(
+    what: str,
+    fn: Callable[[], T],
+    *,
+    seconds: float | None = None,
+    should_stop: Callable[[], bool] = _never,
+    on_retry: Callable[[str], None] | None = None,
+) -> T:
+    """Call `fn`, retrying StoreError/StorageFailed with exponential backoff for `seconds`.
+
+    Botocore already retries a single request a few times; this outlasts an object store that is
+    down for a restart. A missing key (FileNotFoundError) is an answer, not an outage: no retry.
+    A cancel or a lost lease ends the wait early; the last error is raised.
+    """
+    limit = storage_retry_seconds() if seconds is None else seconds
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0.0
+        message = f"object store unavailable during {what} ({exc}); retry {state.attempt_number} in {wait:.1f}s"
+        log.warning(message)
+        if on_retry is not None:
+            on_retry(message)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type((StoreError, StorageFailed)),
+        wait=wait_exponential(multiplier=0.5, min=0.5, max=10),
+        stop=stop_after_delay(limit) | stop_when(should_stop),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+def _transient_db_error(exc: BaseException) -> bool:
+    # OperationalError covers "connection refused" and "server closed the connection"; a
+    # connection that died mid-statement is flagged as invalidated on any DBAPIError.
+    return isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+    )
+
+
+def with_db_retry(what: str, fn: Callable[[], T], *, seconds: float = DB_RETRY_SECONDS) -> T:
+    """Call `fn` (one whole transaction), retrying while the database is unreachable.
+
+    Safe because each `core.runs` write is one transaction guarded by the lease owner: a retry
+    after a commit that did land finds the row already changed and reports so.
+    """
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("database unavailable during %s (%s); retry %d", what, type(exc).__name__, state.attempt_number)
+
+    retrying = Retrying(
+        retry=retry_if_exception(_transient_db_error),
+        wait=wait_exponential(multiplier=0.2, min=0.2, max=5),
+        stop=stop_after_delay(seconds),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 # ---- lease keeping ---------------------------------------------------------------------------
@@ -139,9 +247,13 @@ class EventRecorder:
         self._stage_started = time.monotonic()
         self._throttle = runs.Throttle(self.progress_interval)
         self._event_throttle = runs.Throttle(self.progress_event_interval)
-        with self.maker() as s:
-            if not runs.set_stage(session=s, job_id=self.job_id, worker_id=self.worker_id, stage=stage):
-                self.lost.set()
+
+        def set_stage() -> bool:
+            with self.maker() as s:
+                return runs.set_stage(session=s, job_id=self.job_id, worker_id=self.worker_id, stage=stage)
+
+        if not with_db_retry(f"entering stage {stage}", set_stage):
+            self.lost.set()
         delay = _stage_delay()
         if delay:
             time.sleep(delay)
@@ -228,15 +340,18 @@ def materialise_model(spec: dict[str, Any], settings: Settings) -> dict[str, Any
         store = open_store(f"s3://{parsed.netloc}", **s3_options(settings))
         tmp = cache.with_name(f"{cache.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
-            files = store.download_prefix(prefix, tmp)
+            files = with_storage_retry(f"download of {model}", lambda: store.download_prefix(prefix, tmp))
             if not files:
                 raise BakeError("model_not_found", f"no objects under {model}", "fetching")
             (tmp / ".complete").write_text(model)
             if cache.exists():
                 shutil.rmtree(cache)
             tmp.rename(cache)
-        except (StoreError, FileNotFoundError) as exc:
+        except FileNotFoundError as exc:
             raise BakeError("model_not_found", f"could not fetch {model}: {exc}", "fetching") from exc
+        except StoreError as exc:
+            # Retried with backoff and still failing: the store is down or refuses us, not a missing model.
+            raise BakeError("storage_error", f"could not fetch {model}: {str(exc)[:300]}", "fetching") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {**spec, "model": f"file://{cache}"}
@@ -277,10 +392,42 @@ def _upload_one(store: ObjectStore, key: str, path: Path, size: int, sha256: str
         raise StorageFailed(f"stored object {key} does not match the uploaded file")
 
 
+def _upload_retrying(
+    store: ObjectStore,
+    key: str,
+    path: Path,
+    size: int,
+    sha256: str,
+    should_stop: Callable[[], bool],
+    on_retry: Callable[[str], None] | None,
+) -> None:
+    try:
+        with_storage_retry(
+            f"upload of {key}",
+            lambda: _upload_one(store, key, path, size, sha256),
+            should_stop=should_stop,
+            on_retry=on_retry,
+        )
+    except (StoreError, StorageFailed):
+        if should_stop():  # the retry ended because of a cancel or a lost lease, not the outage
+            raise BakeCancelled() from None
+        raise
+
+
 def upload_result(
-    *, store: ObjectStore, job_id: str, result: BakeResult, scratch: Path, should_stop: Callable[[], bool]
+    *,
+    store: ObjectStore,
+    job_id: str,
+    result: BakeResult,
+    scratch: Path,
+    should_stop: Callable[[], bool],
+    on_retry: Callable[[str], None] | None = None,
 ) -> list[runs.StoredArtifact]:
-    """Upload each artifact file (verified by size and sha256) and a `<job_id>.tar` bundle."""
+    """Upload each artifact file (verified by size and sha256) and a `<job_id>.tar` bundle.
+
+    An unreachable store is retried with backoff (`with_storage_retry`); nothing is published
+    here: the caller's database commit is what makes the uploaded keys visible.
+    """
     stored: list[runs.StoredArtifact] = []
     for f in result.files:
         if should_stop():
@@ -289,14 +436,14 @@ def upload_result(
         if not path.is_file() or path.stat().st_size != f.size or sha256_file(path) != f.sha256:
             raise BakeError("artifact_mismatch", f"artifact file {f.name} does not match its manifest", "uploading")
         key = artifact_key(job_id, f.name)
-        _upload_one(store, key, path, f.size, f.sha256)
+        _upload_retrying(store, key, path, f.size, f.sha256, should_stop, on_retry)
         stored.append(runs.StoredArtifact(f.name, f.size, f.sha256, key))
     bundle_name = f"{job_id}.tar"
     bundle = scratch / bundle_name
     _bundle(result.artifact_dir, bundle, job_id)
     size, digest = bundle.stat().st_size, sha256_file(bundle)
     key = artifact_key(job_id, bundle_name)
-    _upload_one(store, key, bundle, size, digest)
+    _upload_retrying(store, key, bundle, size, digest, should_stop, on_retry)
     stored.append(runs.StoredArtifact(bundle_name, size, digest, key))
     bundle.unlink()
     return stored
@@ -337,6 +484,9 @@ def run_job(
         )
     if not claim.claimed:
         log.info("job %s: not run (%s)", job_id, claim.status)
+        if claim.status == "exhausted":
+            # The dead attempts may have uploaded part of the artifacts; no row will ever list them.
+            _delete_quietly(store_from_settings(settings), job_id)
         return claim.status
     log.info("job %s: claimed by %s (attempt %d)", job_id, worker_id, claim.attempts)
 
@@ -350,7 +500,10 @@ def run_job(
     store = store_from_settings(settings)
     beat.start()
     try:
-        return _run(job_id, worker_id, claim, settings, maker, recorder, beat, store, workdir, bake)
+        outcome = _run(job_id, worker_id, claim, settings, maker, recorder, beat, store, workdir, bake)
+        # One line per attempt that ran, so the fault tests can count outcomes per job in worker logs.
+        log.info("job %s: finished %s (attempt %d, worker %s)", job_id, outcome, claim.attempts, worker_id)
+        return outcome
     finally:
         beat.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -372,13 +525,27 @@ def _run(
         return beat.cancel.is_set() or beat.lost.is_set()
 
     def finish(fn: Callable[..., bool], **kw: Any) -> bool:
-        with maker() as s:
-            return fn(session=s, job_id=job_id, worker_id=worker_id, **kw)
+        def write() -> bool:
+            with maker() as s:
+                return fn(session=s, job_id=job_id, worker_id=worker_id, **kw)
+
+        return with_db_retry(f"recording the outcome of {job_id}", write)
+
+    def warn(message: str) -> None:
+        try:
+            with maker() as s:
+                runs.record_event(session=s, job_id=job_id, level="warning", stage=recorder.stage, message=message)
+        except Exception:  # the event is for people; the retry goes on without it
+            log.exception("job %s: could not record a retry event", job_id)
 
     try:
         if should_stop():
             raise BakeCancelled()
         recorder.enter("fetching")
+        try:  # the API checked it too; the worker does not trust what is in the queue
+            check_model_source(str((claim.spec or {}).get("model", "")), settings)
+        except ValueError as exc:
+            raise BakeError("model_not_allowed", str(exc), "fetching") from exc
         spec = materialise_model(claim.spec or {}, settings)
         if bake is None:
             from baking import bake as bake_fn  # torch loads here, in the worker, never in the API
@@ -395,7 +562,9 @@ def _run(
         if should_stop():
             raise BakeCancelled()
         recorder.enter("uploading")
-        stored = upload_result(store=store, job_id=job_id, result=result, scratch=workdir, should_stop=should_stop)
+        stored = upload_result(
+            store=store, job_id=job_id, result=result, scratch=workdir, should_stop=should_stop, on_retry=warn
+        )
         if finish(
             runs.finish_succeeded,
             metrics=jsonable(result.metrics),
@@ -425,11 +594,30 @@ def _run(
 
 def _discard(store: ObjectStore, maker: sessionmaker[Session], job_id: str, worker_id: str) -> None:
     """Delete what this attempt uploaded — only while we own the job, so a zombie cannot erase
-    the artifacts of the worker that took over."""
-    try:
+    the artifacts of the worker that took over.
+
+    Runs before the failure is recorded, and retries a store that is down for at least 30 s, so
+    a job that failed because the store went away still leaves nothing behind once it is back.
+    """
+
+    def owner() -> bool:
         with maker() as s:
-            if not runs.still_owner(session=s, job_id=job_id, worker_id=worker_id):
-                return
-        store.delete_prefix(job_prefix(job_id))
+            return runs.still_owner(session=s, job_id=job_id, worker_id=worker_id)
+
+    try:
+        if not with_db_retry(f"checking ownership of {job_id}", owner):
+            return
+        with_storage_retry(
+            f"cleanup of {job_prefix(job_id)}",
+            lambda: store.delete_prefix(job_prefix(job_id)),
+            seconds=max(30.0, storage_retry_seconds()),
+        )
     except Exception:
         log.exception("job %s: could not delete partial uploads", job_id)
+
+
+def _delete_quietly(store: ObjectStore, job_id: str) -> None:
+    try:
+        store.delete_prefix(job_prefix(job_id))
+    except Exception:
+        log.exception("job %s: could not delete the uploads of its dead attempts", job_id)

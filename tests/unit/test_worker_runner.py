@@ -32,6 +32,7 @@ def settings(tmp_path: Path) -> Settings:
         heartbeat_seconds=1,
         lease_seconds=10,
         max_attempts=3,
+        model_roots="/m",  # the fake jobs' model
     )
 
 
@@ -267,3 +268,18 @@ def test_stage_delay_test_hook(settings: Settings, monkeypatch: pytest.MonkeyPat
     started = time.monotonic()
     assert runner.run_job(job_id, settings, bake=FakeBake()) == "succeeded"
     assert time.monotonic() - started >= 5 * 0.2
+
+
+def test_worker_refuses_a_model_outside_the_roots_even_if_queued(settings: Settings) -> None:
+    """The API refuses such a job; a message put in the queue some other way is refused again."""
+    bake = FakeBake()
+    job_id = new_job(settings)
+    with get_sessionmaker(settings.resolved_database_url)() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.spec = {"model": "file:///etc"}
+        s.commit()
+    assert runner.run_job(job_id, settings, bake=bake) == "failed"
+    job, artifacts, _ = load(settings, job_id)
+    assert bake.calls == 0 and artifacts == []
+    assert job.error is not None and (job.error["code"], job.error["stage"]) == ("model_not_allowed", "fetching")

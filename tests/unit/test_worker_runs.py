@@ -143,6 +143,16 @@ def test_stale_lease_is_taken_over_and_zombie_cannot_write(db_url: str) -> None:
     assert (row.status, row.metrics, row.error, row.attempts) == ("succeeded", {"m": 1}, None, 2)
 
 
+def test_the_jobs_own_attempt_cap_wins_over_a_more_generous_worker(db_url: str) -> None:
+    job_id = new_job(db_url, max_attempts=1)
+    assert claim(db_url, job_id, "w1", max_attempts=5).claimed
+    expire_lease(db_url, job_id)
+    assert claim(db_url, job_id, "w2", max_attempts=5).status == "exhausted"
+    row = job(db_url, job_id)
+    assert row.status == "failed" and row.attempts == 1
+    assert row.error is not None and "1 of 1 attempts" in row.error["message"]
+
+
 def test_attempt_cap_fails_with_worker_lost_at_last_stage(db_url: str) -> None:
     job_id = new_job(db_url)
     for attempt, worker in enumerate(["w1", "w2"], start=1):
