@@ -10,6 +10,10 @@ Intel Neural Compressor's accuracy-aware tuning: candidates from most to least a
 each measured by the caller's `evaluate`, the first that keeps `accuracy_retention` wins,
 every trial is recorded; when none does, the least aggressive is kept and the failed target
 is named.
+
+`sparsify(model, PruneConfig, data, recovery=...)` runs before either: a pruned copy of the
+baked model (baking.prune), optionally distilled back towards it (baking.recover), still in
+float; quantize that, then `with_pruning` records what the stored weights kept of the sparsity.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 import torch
 
 from baking import quant
+from baking.prune import PruneConfig, prune_, sparsity_summary
+from baking.recover import RecoveryConfig, RecoveryData, mean_kl, recover
 
 SCHEMES = ("none", "bf16", "int8", "int4")
 # The task accuracies DESIGN.md §6 defines accuracy_retention over (as `evaluate` names them).
@@ -162,6 +168,67 @@ def _scheme_dict(
         "params": params,
         **{k: v for k, v in info.items() if k != "scheme"},
     }
+
+
+# ---------------------------------------------------------------- pruning, before quantization
+
+
+def sparsify(
+    model: Any,
+    config: PruneConfig,
+    data: RecoveryData,
+    *,
+    recovery: RecoveryConfig | None = None,
+    on_block: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    should_stop: Callable[[], None] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """(pruned float copy of `model`, JSON-safe record). `model` itself is left untouched: it is
+    the teacher that `recovery` (when given) distils the copy back towards."""
+    student = copy.deepcopy(model)
+    started = time.monotonic()
+    calibration = data.calibration if config.method == "wanda" else []
+    masks = prune_(student, config, calibration=calibration, should_stop=should_stop, on_block=on_block)
+    record: dict[str, Any] = {
+        **config.to_dict(),
+        "layers": "Linear layers of the decoder blocks; embeddings and lm_head stay dense",
+        "calibration_sequences": len(calibration),
+        "prune_seconds": round(time.monotonic() - started, 3),
+        "data": data.sources,
+        "recovery": None,
+    }
+    if recovery is not None:
+        before = mean_kl(student, model, data.heldout) if data.heldout else None
+        report = recover(
+            student, model, data.sequences, recovery, masks=masks, on_step=on_step, should_stop=should_stop
+        )
+        after = mean_kl(student, model, data.heldout) if data.heldout else None
+        record["recovery"] = {
+            **recovery.to_dict(),
+            "loss": "full-vocabulary KL(teacher || student); teacher = the uncompressed baked model",
+            "sequences": len(data.sequences),
+            "trainable_parameters": report.trainable_parameters,
+            "kl_first": report.first_loss,
+            "kl_last": report.last_loss,
+            "kl_heldout_before": before,
+            "kl_heldout_after": after,
+            "seconds": round(report.seconds, 1),
+        }
+    record["achieved"] = sparsity_summary(student)
+    return student, record
+
+
+def with_pruning(final: Any, scheme: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """`scheme` plus the pruning record and the sparsity of the stored (dequantized) weights.
+
+    bf16 and int8 (symmetric: code 0 is exactly 0.0) keep every zero. int4 is asymmetric
+    (w = (code - 8) * scale + zero, zero = group min + 8 * scale): 0.0 is representable only
+    by chance, so pruned weights come back as values within half a step of 0 and a 2:4
+    pattern does not survive; `zeros_kept` says which happened.
+    """
+    after = sparsity_summary(final, per_layer=False)
+    kept = after["zeros"] >= record["achieved"]["zeros"]
+    return {**scheme, "pruning": {**record, "after_quantization": {**after, "zeros_kept": kept}}}
 
 
 # ---------------------------------------------------------------- the auto search

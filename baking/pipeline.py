@@ -22,7 +22,7 @@ from baking import data as bdata
 from baking.assure import AssessInputs, assess, load_profile, reload_in_subprocess, spec_sha256, write_report
 from baking.card import model_card
 from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
-from baking.compress import SearchConfig, compress, search
+from baking.compress import SearchConfig, compress, search, sparsify, with_pruning
 from baking.evaluate import guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes, tool_accuracy
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
 from baking.export import write_artifact
@@ -31,7 +31,9 @@ from baking.generate import end_of_turn_id
 from baking.load import configure_threads, load_model, load_tokenizer, pick_device
 from baking.measure import latency_ms
 from baking.persona import build_distill_targets
+from baking.prune import PruneConfig
 from baking.quant import cast_floats_
+from baking.recover import RECOVERY_STEPS, RecoveryConfig, recovery_data
 from baking.spec import BakeSpec
 from baking.train import TrainConfig, TrainItem, distill_item, sft_item, train
 
@@ -233,8 +235,21 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
 
     run.enter("baking_tools", "one objective: tool SFT + demonstrations + persona KL")
     eot = end_of_turn_id(tokenizer)
-    pools: dict[str, list[TrainItem]] = {
-        "tools": [sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False)) for c in split.train_tools],
+    # One pool per tool, weighted by the examples the user wrote for it: augmentation multiplies
+    # some tools' cases (numbers redrawn, enum templates) far more than others', and must not
+    # starve the rest of the tool share.
+    written = {t.name: max(1, sum(c.tool == t.name and not c.synthetic for c in split.train_tools)) for t in spec.tools}
+    mix = {k: v for k, v in TrainConfig.default_mix().items() if k != "tools"}
+    pools: dict[str, list[TrainItem]] = {}
+    for tool in spec.tools:
+        cases = [c for c in split.train_tools if c.tool == tool.name]
+        pools[f"tools/{tool.name}"] = [
+            sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False)) for c in cases
+        ]
+        mix[f"tools/{tool.name}"] = (
+            TrainConfig.default_mix()["tools"] * written[tool.name] / max(1, sum(written.values()))
+        )
+    pools |= {
         "answers": [
             sft_item(tokenizer, *bdata.tool_conversation(c))
             for c in split.train_tools
@@ -250,6 +265,7 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
         method=spec.training.method,
         lora_rank=spec.training.lora_rank,
         seed=spec.training.seed,
+        mix=mix,
     )
     student = copy.deepcopy(original)
     started = time.monotonic()
@@ -282,51 +298,110 @@ CALIBRATION_CASES = 24  # training cases the compression search measures on (nev
 def _optimize(
     run: _Run, baked: Any, tokenizer: Any, train_split: bdata.Split, device: torch.device
 ) -> tuple[Any, dict[str, Any]]:
-    """The requested scheme, or for `auto` the most compressed candidate that keeps the accuracy.
+    """Prune (optimize.pruning) -> distillation recovery (optimize.distill) -> quantize: the
+    requested scheme, or for `auto` the most compressed candidate that keeps the accuracy.
 
-    The search measures retention on a calibration slice of the *training* cases, so the choice
-    is not tuned on the held-out cases the job then reports; the reported retention is measured
-    again on the held-out split in `validating`.
+    Recovery runs only after pruning, on the float model, before quantization: an unpruned
+    model has nothing to recover, and training through int8/int4 rounding would need
+    quantization-aware training. The search measures retention on a calibration slice of the
+    *training* cases, against the uncompressed baked model (not the pruned one), so the choice
+    is not tuned on the held-out cases the job then reports; the reported retention is
+    measured again on the held-out split in `validating`.
     """
     spec = run.spec
+    try:
+        pruning = PruneConfig.from_spec(spec.optimize.pruning)
+    except ValueError as exc:
+        raise BakeError("invalid_spec", str(exc), "optimizing") from exc
+    source, pruned = baked, None
+    if pruning is not None:
+        data = recovery_data(tokenizer, train_split)
+        recovery = (
+            RecoveryConfig(steps=RECOVERY_STEPS[spec.profile], seed=spec.training.seed)
+            if spec.optimize.distill
+            else None
+        )
+        run.info(
+            f"pruning: {pruning.method} {pruning.pattern} at sparsity {pruning.sparsity}"
+            + (f", then {recovery.steps} recovery steps" if recovery else ", no recovery (optimize.distill is false)"),
+            **pruning.to_dict(),
+            recovery=recovery.to_dict() if recovery else None,
+            data=data.sources,
+        )
+        source, pruned = sparsify(
+            baked,
+            pruning,
+            data,
+            recovery=recovery,
+            on_block=lambda i, n: run.progress(i, n, f"pruned block {i}/{n}"),
+            on_step=lambda i, n, values: run.progress(
+                i, n, f"recovery step {i}/{n} kl {values['kl']:.4f}", **{k: round(v, 6) for k, v in values.items()}
+            ),
+            should_stop=run.check,
+        )
+        achieved = pruned["achieved"]
+        run.info(
+            f"pruned: sparsity {achieved['sparsity']:.4f} over {len(achieved['layers'])} layers",
+            **{k: v for k, v in achieved.items() if k != "layers"},
+            recovery=pruned["recovery"],
+        )
+    elif spec.optimize.distill:
+        run.info("distillation recovery skipped: nothing was pruned")
+
     if spec.optimize.quantization != "auto":
-        return compress(baked, spec.optimize.quantization, device)
-    user_cases = [c for c in train_split.train_tools if not c.synthetic]
-    calibration = user_cases[:: max(1, len(user_cases) // CALIBRATION_CASES)][:CALIBRATION_CASES]
-    irrelevant = train_split.train_irrelevant[:8]
+        final, scheme = compress(source, spec.optimize.quantization, device)
+    else:
+        user_cases = [c for c in train_split.train_tools if not c.synthetic]
+        calibration = user_cases[:: max(1, len(user_cases) // CALIBRATION_CASES)][:CALIBRATION_CASES]
+        irrelevant = train_split.train_irrelevant[:8]
 
-    def evaluate(model: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if calibration:
-            out["tool_call_accuracy"] = tool_accuracy(model, tokenizer, calibration, spec.tools).accuracy
-        if irrelevant:
-            out["irrelevance_accuracy"], _ = irrelevance_accuracy(model, tokenizer, irrelevant)
-        run.check()
-        return out
+        def evaluate(model: Any) -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            if calibration:
+                out["tool_call_accuracy"] = tool_accuracy(model, tokenizer, calibration, spec.tools).accuracy
+            if irrelevant:
+                out["irrelevance_accuracy"], _ = irrelevance_accuracy(model, tokenizer, irrelevant)
+            run.check()
+            return out
 
-    result = search(
-        baked,
-        SearchConfig(accuracy_retention=spec.targets.accuracy_retention),
-        device=device,
-        evaluate=evaluate,
-        on_trial=lambda t: run.info(
-            f"compression trial {t.candidate}: retention {t.accuracy_retention}",
-            met=t.met,
-            seconds=t.seconds,
-            **t.metrics,
-        ),
-    )
-    if not result.met:
+        result = search(
+            source,
+            SearchConfig(accuracy_retention=spec.targets.accuracy_retention),
+            device=device,
+            evaluate=evaluate,
+            reference=evaluate(baked) if pruned is not None else None,
+            on_trial=lambda t: run.info(
+                f"compression trial {t.candidate}: retention {t.accuracy_retention}",
+                met=t.met,
+                seconds=t.seconds,
+                **t.metrics,
+            ),
+        )
+        if not result.met:
+            run.emit(
+                BakeEvent(
+                    "message",
+                    "optimizing",
+                    str(result.scheme["search"].get("note", "")),
+                    level="warning",
+                    data={"failed_target": result.failed_target},
+                )
+            )
+        final, scheme = result.model, result.scheme
+    if pruned is not None:
+        scheme = with_pruning(final, scheme, pruned)
+        after = scheme["pruning"]["after_quantization"]
         run.emit(
             BakeEvent(
                 "message",
                 "optimizing",
-                str(result.scheme["search"].get("note", "")),
-                level="warning",
-                data={"failed_target": result.failed_target},
+                f"after {scheme['name']}: sparsity {after['sparsity']:.4f}"
+                + ("" if after["zeros_kept"] else " (quantization did not keep the pruned weights at exactly zero)"),
+                level="info" if after["zeros_kept"] else "warning",
+                data=after,
             )
         )
-    return result.model, result.scheme
+    return final, scheme
 
 
 def _validate(
@@ -345,7 +420,7 @@ def _validate(
     metrics: dict[str, Any] = {}
     _check_finite(final, tokenizer, metrics)
     steps: list[tuple[str, Callable[[], None]]] = []
-    compressed = scheme["scheme"] != "none"
+    compressed = scheme["scheme"] != "none" or bool(scheme.get("pruning"))
 
     if spec.tools:
 

@@ -95,6 +95,13 @@ class PruningSpec:
         _require(self.method in PRUNING, "optimize.pruning.method", f"one of {PRUNING}")
         _require(self.pattern in ("unstructured", "2:4"), "optimize.pruning.pattern", "unstructured or 2:4")
         _require(0.0 <= self.sparsity < 1.0, "optimize.pruning.sparsity", "must be in [0, 1)")
+        if self.method == "none":
+            _require(self.sparsity == 0.0, "optimize.pruning.sparsity", "needs a pruning method")
+            _require(self.pattern == "unstructured", "optimize.pruning.pattern", "needs a pruning method")
+        elif self.pattern == "2:4":
+            _require(self.sparsity in (0.0, 0.5), "optimize.pruning.sparsity", "2:4 means 0.5 (or left out)")
+        else:
+            _require(self.sparsity > 0.0, "optimize.pruning.sparsity", "must be in (0, 1) to prune")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ speedup, and fidelity to the uncompressed (fp32) model on held-out text
 (examples/vehicle_manual.md, its last `--eval-tokens` tokens): top-1 agreement, mean
 KL(fp32 || candidate) per token and relative perplexity change. Writes
 benchmarks/results/compress.json.
+
+Pruned rows (PRUNED): pruned, distilled back towards the fp32 model for `--recovery-steps`
+steps (0: no recovery) on the fleet job's training conversations and the manual minus the
+held-out tail, then quantized.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from baking.chat import render_system_prompt, with_system  # noqa: E402
-from baking.compress import Candidate, compress  # noqa: E402
+from baking.compress import Candidate, compress, sparsify  # noqa: E402
+from baking.data import split_spec  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
 from baking.measure import latency_ms  # noqa: E402
+from baking.prune import PruneConfig  # noqa: E402
+from baking.recover import RecoveryConfig, recovery_data  # noqa: E402
 from baking.spec import BakeSpec  # noqa: E402
 
 CANDIDATES = (
@@ -40,6 +47,11 @@ CANDIDATES = (
     Candidate("int8", lm_head="int8"),
     Candidate("int4", 32),
     Candidate("int4", 64),
+)
+PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
+    (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),
+    (PruneConfig("wanda", "2:4", 0.5), Candidate("int8")),
+    (PruneConfig("magnitude", "unstructured", 0.5), Candidate("bf16")),
 )
 QUERIES = [  # fleet-style requests; the same ones on both sides
     "How fast am I going right now?",
@@ -78,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=512)
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
+    parser.add_argument("--recovery-steps", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -127,6 +140,37 @@ def main() -> None:
         rows.append(row)
         print(f"  {candidate.name}: done in {time.monotonic() - started:.0f}s", flush=True)
         del final
+
+    # the recovery text leaves out the tail that fidelity is measured on
+    data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
+    recovery = RecoveryConfig(steps=args.recovery_steps) if args.recovery_steps else None
+    last: tuple[PruneConfig, Any, dict[str, Any]] | None = None
+    for pruning, candidate in PRUNED:
+        started = time.monotonic()
+        if last is None or last[0] != pruning:
+            last = None  # one pruned copy in memory at a time
+            last = (pruning, *sparsify(model, pruning, data, recovery=recovery))
+        _, pruned, record = last
+        final, scheme = compress(pruned, candidate, cpu)
+        built = time.monotonic() - started
+        lat = latency_ms(final, tokenizer, conversations, new_tokens=args.new_tokens)
+        pattern = "2:4" if pruning.pattern == "2:4" else f"{pruning.sparsity:.0%}"
+        name = f"{pruning.method[:5]}-{pattern}{'+rec' if recovery else ''}/{candidate.name}"
+        rows.append(
+            {
+                "candidate": name,
+                "weight_bytes": scheme["weight_bytes"],
+                "compression_vs_fp32": 1 - scheme["weight_bytes"] / fp32_bytes,
+                "p50_ms": lat["p50"],
+                "p95_ms": lat["p95"],
+                "speedup": base["p50"] / lat["p50"],
+                "build_s": built,
+                **fidelity(reference_logits, final, ids),
+                "pruning": record,
+            }
+        )
+        print(f"  {name}: done in {time.monotonic() - started:.0f}s", flush=True)
+        del pruned, final
 
     print(
         f"\n{args.threads} CPU threads, {args.requests} requests x {args.new_tokens} new tokens; "

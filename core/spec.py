@@ -128,6 +128,17 @@ class PruningSpec(_Strict):
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     sparsity: float = Field(default=0.0, ge=0.0, lt=1.0)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> PruningSpec:
+        """The same rules as baking/prune.py, so a contradiction is a 422 and not a failed job."""
+        if self.method == "none" and (self.sparsity != 0.0 or self.pattern != "unstructured"):
+            raise ValueError("sparsity and pattern need a pruning method (magnitude or wanda)")
+        if self.method != "none" and self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise ValueError("pattern 2:4 zeroes exactly half of the weights: sparsity 0.5 or left out")
+        if self.method != "none" and self.pattern == "unstructured" and self.sparsity == 0.0:
+            raise ValueError("unstructured pruning needs a sparsity in (0, 1)")
+        return self
+
 
 class OptimizeSpec(_Strict):
     quantization: Literal["auto", "none", "bf16", "int8", "int4"] = "auto"
