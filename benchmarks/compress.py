@@ -8,7 +8,9 @@ vs fp32, p50/p95 latency of `--requests` fleet queries with no system prompt aga
 original model in bf16 *with* the full fleet system prompt (DESIGN.md §6 `latency_ms`),
 speedup, and fidelity to the uncompressed (fp32) model on held-out text
 (examples/vehicle_manual.md, its last `--eval-tokens` tokens): top-1 agreement, mean
-KL(fp32 || candidate) per token and relative perplexity change. Writes
+KL(fp32 || candidate) per token and relative perplexity change; and the task itself:
+tool_call_accuracy on the fleet job's held-out tool cases (no system prompt) and
+accuracy_retention, that accuracy over the uncompressed model's (DESIGN.md §6). Writes
 benchmarks/results/compress.json.
 
 Pruned rows (PRUNED): pruned, distilled back towards the fp32 model for `--recovery-steps`
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from baking.chat import render_system_prompt, with_system  # noqa: E402
 from baking.compress import Candidate, compress, sparsify  # noqa: E402
 from baking.data import split_spec  # noqa: E402
+from baking.evaluate import tool_accuracy  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
 from baking.measure import latency_ms  # noqa: E402
 from baking.prune import PruneConfig  # noqa: E402
@@ -52,6 +55,7 @@ PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal n
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),
     (PruneConfig("wanda", "2:4", 0.5), Candidate("int8")),
     (PruneConfig("magnitude", "unstructured", 0.5), Candidate("bf16")),
+    (PruneConfig("wanda", "unstructured", 0.25), Candidate("bf16")),
 )
 QUERIES = [  # fleet-style requests; the same ones on both sides
     "How fast am I going right now?",
@@ -121,23 +125,32 @@ def main() -> None:
         reference_logits = model(input_ids=ids).logits.float()
     fp32_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
     conversations = [[{"role": "user", "content": q}] for q in queries]
-    rows = []
-    for candidate in CANDIDATES:
-        started = time.monotonic()
-        final, scheme = compress(model, candidate, cpu)
-        built = time.monotonic() - started
+    heldout = split_spec(spec).heldout_tools  # the job's held-out tool cases, as `validating` measures them
+    reference_accuracy = tool_accuracy(model, tokenizer, heldout, spec.tools).accuracy
+    print(f"uncompressed (fp32) tool_call_accuracy on {len(heldout)} held-out cases: {reference_accuracy:.3f}")
+
+    def measure(name: str, final: Any, scheme: dict[str, Any], built: float) -> dict[str, Any]:
         lat = latency_ms(final, tokenizer, conversations, new_tokens=args.new_tokens)
-        row = {
-            "candidate": candidate.name,
+        accuracy = tool_accuracy(final, tokenizer, heldout, spec.tools).accuracy
+        return {
+            "candidate": name,
             "weight_bytes": scheme["weight_bytes"],
             "compression_vs_fp32": 1 - scheme["weight_bytes"] / fp32_bytes,
             "p50_ms": lat["p50"],
             "p95_ms": lat["p95"],
             "speedup": base["p50"] / lat["p50"],
             "build_s": built,
+            "tool_call_accuracy": accuracy,
+            # DESIGN.md §6: task accuracy of the compressed model over the uncompressed baked model's
+            "accuracy_retention": accuracy / reference_accuracy if reference_accuracy else None,
             **fidelity(reference_logits, final, ids),
         }
-        rows.append(row)
+
+    rows = []
+    for candidate in CANDIDATES:
+        started = time.monotonic()
+        final, scheme = compress(model, candidate, cpu)
+        rows.append(measure(candidate.name, final, scheme, time.monotonic() - started))
         print(f"  {candidate.name}: done in {time.monotonic() - started:.0f}s", flush=True)
         del final
 
@@ -152,23 +165,9 @@ def main() -> None:
             last = (pruning, *sparsify(model, pruning, data, recovery=recovery))
         _, pruned, record = last
         final, scheme = compress(pruned, candidate, cpu)
-        built = time.monotonic() - started
-        lat = latency_ms(final, tokenizer, conversations, new_tokens=args.new_tokens)
         pattern = "2:4" if pruning.pattern == "2:4" else f"{pruning.sparsity:.0%}"
         name = f"{pruning.method[:5]}-{pattern}{'+rec' if recovery else ''}/{candidate.name}"
-        rows.append(
-            {
-                "candidate": name,
-                "weight_bytes": scheme["weight_bytes"],
-                "compression_vs_fp32": 1 - scheme["weight_bytes"] / fp32_bytes,
-                "p50_ms": lat["p50"],
-                "p95_ms": lat["p95"],
-                "speedup": base["p50"] / lat["p50"],
-                "build_s": built,
-                **fidelity(reference_logits, final, ids),
-                "pruning": record,
-            }
-        )
+        rows.append({**measure(name, final, scheme, time.monotonic() - started), "pruning": record})
         print(f"  {name}: done in {time.monotonic() - started:.0f}s", flush=True)
         del pruned, final
 
@@ -178,7 +177,7 @@ def main() -> None:
     )
     header = (
         f"{'candidate':<20} {'MB':>7} {'vs fp32':>8} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>8} "
-        f"{'top1':>6} {'KL':>7} {'ppl_delta':>9}"
+        f"{'top1':>6} {'KL':>7} {'ppl_delta':>9} {'tool_acc':>8} {'retention':>9}"
     )
     print(header)
     print(f"{'original bf16+prompt':<20} {'':>7} {'':>8} {base['p50']:>7.0f} {base['p95']:>7.0f} {1.0:>7.2f}x")
@@ -186,13 +185,21 @@ def main() -> None:
         print(
             f"{r['candidate']:<20} {r['weight_bytes'] / 1e6:>7.1f} {r['compression_vs_fp32']:>8.1%} "
             f"{r['p50_ms']:>7.0f} {r['p95_ms']:>7.0f} {r['speedup']:>7.2f}x {r['top1_agreement']:>6.3f} "
-            f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%}"
+            f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%} {r['tool_call_accuracy']:>8.3f} "
+            f"{'-' if r['accuracy_retention'] is None else format(r['accuracy_retention'], '.3f'):>9}"
         )
     out = ROOT / "benchmarks" / "results" / "compress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps(
-            {"model": args.model, "threads": args.threads, "baseline": base, "fp32_bytes": fp32_bytes, "rows": rows},
+            {
+                "model": args.model,
+                "threads": args.threads,
+                "baseline": base,
+                "fp32_bytes": fp32_bytes,
+                "reference_tool_call_accuracy": reference_accuracy,
+                "rows": rows,
+            },
             indent=2,
         )
     )
