@@ -185,7 +185,8 @@ _ENUM_TEMPLATES = (
 )
 
 
-# (question, expression) templates over two numbers: how people phrase plain arithmetic.
+# (question, expression) templates: how people phrase plain arithmetic and everyday word problems.
+# {a} {b} {c} are numbers (sometimes with a decimal), {n} a small count, {p} a percentage.
 _ARITHMETIC_TEMPLATES = (
     ("What is {a} plus {b}?", "{a} + {b}"),
     ("{a} minus {b}?", "{a} - {b}"),
@@ -194,27 +195,75 @@ _ARITHMETIC_TEMPLATES = (
     ("What is {p}% of {b}?", "{b} * {p} / 100"),
     ("Calculate {a} times {b} for me.", "{a} * {b}"),
     ("Average of {a} and {b}?", "({a} + {b}) / 2"),
-    ("How much is {a} + {b} + {p}?", "{a} + {b} + {p}"),
+    ("average of {a}, {b} and {c}", "({a} + {b} + {c}) / 3"),
+    ("How much is {a} + {b} + {c}?", "{a} + {b} + {c}"),
     ("{b} less {p} percent?", "{b} * (1 - {p} / 100)"),
+    ("What's {p}% off {b}?", "{b} * (1 - {p} / 100)"),
+    ("Add {p}% to {b}.", "{b} * (1 + {p} / 100)"),
     ("What's the difference between {b} and {a}?", "{b} - {a}"),
+    ("Percentage change from {a} to {b}?", "({b} - {a}) / {a} * 100"),
+    ("What percent of {b} is {a}?", "{a} / {b} * 100"),
+    ("{a} out of {b} as a percentage?", "{a} / {b} * 100"),
+    ("Split {b} evenly {n} ways.", "{b} / {n}"),
+    ("{n} items at {a} each, total?", "{n} * {a}"),
+    ("How long does {b} km take at {a} km/h?", "{b} / {a}"),
+    ("How far do I go in {n} minutes at {a} km/h?", "{a} * {n} / 60"),
+    ("{a} L used over {b} km, how much per 100 km?", "{a} / {b} * 100"),
 )
+
+# Unit conversions with their standard factors (exact by definition where one exists), each in
+# two phrasings: the calculator cannot look a factor up, so a call must carry it.
+_CONVERSIONS = (
+    (("Convert {a} miles to km.", "How many kilometres is {a} miles?"), "{a} * 1.609344"),
+    (("{a} km in miles?", "Convert {a} kilometres to miles"), "{a} / 1.609344"),
+    (("Convert {a} mph to km/h.", "{a} miles per hour in km/h?"), "{a} * 1.609344"),
+    (("{a} lbs in kg?", "How many kilograms is {a} pounds?"), "{a} * 0.45359237"),
+    (("Convert {a} kg to pounds.", "{a} kilograms in lb?"), "{a} / 0.45359237"),
+    (("{a} inches in mm?", "Convert {a} in to millimetres"), "{a} * 25.4"),
+    (("Convert {a} mm to inches.", "how many inches is {a} mm"), "{a} / 25.4"),
+    (("{a} feet in metres?", "Convert {a} ft to m."), "{a} * 0.3048"),
+    (("How many litres is {a} US gallons?", "Convert {a} gallons to litres."), "{a} * 3.785411784"),
+    (("{a} °F in Celsius?", "Convert {a} Fahrenheit to Celsius."), "({a} - 32) * 5 / 9"),
+    (("{a} °C in Fahrenheit?", "Convert {a} degrees Celsius to Fahrenheit."), "{a} * 9 / 5 + 32"),
+    (("{a} °C in kelvin?", "Convert {a} C to K."), "{a} + 273.15"),
+    (("Convert {a} psi to kPa.", "{a} psi is how many kPa?"), "{a} * 6.894757"),
+    (("{a} kPa in psi?", "Convert {a} kPa to psi."), "{a} / 6.894757"),
+    (("{a} bar in kPa?", "Convert {a} bar to kilopascals."), "{a} * 100"),
+    (("Convert {a} hp to kW.", "{a} horsepower in kilowatts?"), "{a} * 0.7457"),
+    (("{a} kW in hp?", "Convert {a} kilowatts to horsepower."), "{a} / 0.7457"),
+    (("Convert {a} lb-ft to N·m.", "{a} foot-pounds of torque in newton metres?"), "{a} * 1.3558179483"),
+    (("{a} m/s in km/h?", "Convert {a} metres per second to km/h."), "{a} * 3.6"),
+    (("Convert {a} km/h to m/s.", "{a} km/h in metres per second?"), "{a} / 3.6"),
+)
+
+
+def _template_number(rng: random.Random, low: int, high: int) -> str:
+    value = rng.randint(low, high)
+    return f"{value}.{rng.randint(1, 9)}" if rng.random() < 0.3 else str(value)
 
 
 def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 2) -> list[ToolCase]:
     """Plain-arithmetic calls for tools whose one required argument is compared as an expression.
 
-    The user's calculator examples are domain problems; these teach the plainer skill under
-    them, copying the numbers and operators a question states into the expression.
+    The user's calculator examples are domain problems; these teach the plainer skills under
+    them: copying the numbers and operators a question states into the expression, everyday
+    percentages and rates, and the factors of common unit conversions.
     """
     required = list(tool.parameters.get("required", []))
     if len(required) != 1 or tool.argument_match.get(required[0]) != "expression":
         return []
     param = required[0]
+    templates = list(_ARITHMETIC_TEMPLATES) + [(q, e) for questions, e in _CONVERSIONS for q in questions]
     cases = []
-    for question, expression in _ARITHMETIC_TEMPLATES:
+    for question, expression in templates:
         for _ in range(per_template):
-            a, b, p = rng.randint(2, 999), rng.randint(2, 9999), rng.choice((5, 10, 12, 15, 20, 25, 30, 40))
-            values = {"a": a, "b": b, "p": p}
+            values = {
+                "a": _template_number(rng, 2, 999),
+                "b": _template_number(rng, 2, 9999),
+                "c": _template_number(rng, 2, 999),
+                "n": rng.randint(2, 12),
+                "p": rng.choice((5, 10, 12, 15, 19, 20, 25, 30, 40)),
+            }
             cases.append(
                 ToolCase(tool.name, question.format(**values), {param: expression.format(**values)}, synthetic=True)
             )
@@ -355,8 +404,9 @@ def augment(
     numeric_per_query: int = 3,
     variants_per_demo: int = 2,
 ) -> Split:
-    """Add variants of training cases only, never of held-out ones: surface variants of queries and
-    demonstrations, the same calls with other numbers, and enum-template and arithmetic calls."""
+    """Add variants of training cases only, never of held-out ones: surface variants of queries,
+    demonstrations and persona queries, the same calls with other numbers, and enum-template and
+    arithmetic calls."""
     rng = random.Random(spec.training.seed + 1)
     held = {text_hash(t) for t in split.heldout_texts()}
     seen = {text_hash(c.query) for c in split.train_tools} | held
@@ -393,10 +443,20 @@ def augment(
             if text_hash(v) not in seen_irr:
                 seen_irr.add(text_hash(v))
                 demo_extra.append(PersonaExample(v, example.assistant))
+    # The teacher also answers a surface variant of each persona query: more contexts to distil
+    # the persona on than the user wrote, so the student matches the prompted teacher beyond them.
+    persona_extra = []
+    seen_irr |= {text_hash(q) for q in split.train_persona_queries}
+    for q in split.train_persona_queries:
+        v = perturb(q, rng)
+        if text_hash(v) not in seen_irr:
+            seen_irr.add(text_hash(v))
+            persona_extra.append(v)
     out = Split(**{k: list(v) for k, v in vars(split).items()})
     out.train_tools = split.train_tools + extra
     out.train_irrelevant = split.train_irrelevant + irrelevant_extra
     out.train_persona_examples = split.train_persona_examples + demo_extra
+    out.train_persona_queries = split.train_persona_queries + persona_extra
     check_no_leak(out)
     return out
 

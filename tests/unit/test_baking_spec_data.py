@@ -96,13 +96,14 @@ def test_perturb_keeps_words_and_sentence_rules() -> None:
 def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None:
     import random
 
-    from baking.data import arithmetic_variants
+    from baking.data import _ARITHMETIC_TEMPLATES, _CONVERSIONS, arithmetic_variants
     from baking.toolcalls import safe_eval_arithmetic
 
     spec = BakeSpec.from_dict(fleet_dict)
     by_name = {t.name: t for t in spec.tools}
     cases = arithmetic_variants(by_name["calculator"], random.Random(0))
-    assert len(cases) == 20
+    assert len(cases) == 2 * (len(_ARITHMETIC_TEMPLATES) + 2 * len(_CONVERSIONS))
+    assert any(c.arguments["expression"].endswith("* 1.609344") for c in cases)  # a conversion carries its factor
     for case in cases:
         expression = case.arguments["expression"]
         safe_eval_arithmetic(expression)  # raises unless it is plain arithmetic
@@ -149,6 +150,7 @@ def test_augmentation_adds_demonstration_phrasings_without_leaking(fleet_dict: d
     split = split_spec(spec)
     augmented = augment(split, spec)
     assert len(augmented.train_persona_examples) > len(split.train_persona_examples)
+    assert len(augmented.train_persona_queries) > len(split.train_persona_queries)
     answers = {e.assistant for e in split.train_persona_examples}
     assert all(e.assistant in answers for e in augmented.train_persona_examples)  # same replies, new phrasings
     check_no_leak(augmented)
