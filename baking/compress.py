@@ -42,8 +42,12 @@ class Candidate:
     scheme: str  # none | bf16 | int8 | int4
     group_size: int = 32  # int4 only: inputs sharing one scale and zero (32 | 64 | 128)
     lm_head: str = "bf16"  # bf16: stays tied to the float embeddings; int8: untied, int8 weights
+    int8_parts: tuple[str, ...] = ()  # int4 only: projections kept in int8 (e.g. "up_proj")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "int8_parts", tuple(self.int8_parts))  # JSON gives lists
+        if self.int8_parts and self.scheme != "int4":
+            raise ValueError("int8_parts mixes precisions within int4 only")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.group_size not in quant.GROUP_SIZES:
@@ -56,6 +60,8 @@ class Candidate:
     @property
     def name(self) -> str:
         base = f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
+        if self.int8_parts:
+            base += "+int8:" + ",".join(p.removesuffix("_proj") for p in self.int8_parts)
         return base if self.lm_head == "bf16" else f"{base}+lm_head-{self.lm_head}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,8 +73,17 @@ class Candidate:
 
 
 # Most -> least aggressive. Measured on SmolLM2-135M (CPU, bf16 activations): int4 g32 with
-# lm_head in bf16 keeps more top-1 tokens than int8 and is the fastest, so it goes first.
-DEFAULT_CANDIDATES = (Candidate("int4", 32), Candidate("int8"), Candidate("bf16"))
+# lm_head in bf16 keeps more top-1 tokens than int8 and is the fastest, so it goes first. A
+# *baked* model is more fragile: the LoRA update lives mostly in the MLP, and int4 rounding there
+# erased it (benchmarks/compress.py: tool accuracy 0.44 -> 0.00), while int4 attention with an
+# int8 MLP kept every held-out tool call; so that mix is tried before plain int8.
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_CANDIDATES = (
+    Candidate("int4", 32),
+    Candidate("int4", 32, int8_parts=MLP_PROJECTIONS),
+    Candidate("int8"),
+    Candidate("bf16"),
+)
 
 
 @dataclass(frozen=True)
@@ -146,7 +161,11 @@ def compress(model: Any, quantization: str | Candidate, device: torch.device) ->
         # quantize from the float32 weights, then cast what stays float
         final.float()
         info = quant.quantize_model_(
-            final, candidate.scheme, group_size=candidate.group_size, lm_head=candidate.lm_head
+            final,
+            candidate.scheme,
+            group_size=candidate.group_size,
+            lm_head=candidate.lm_head,
+            int8_parts=candidate.int8_parts,
         )
     else:
         dtype = torch.bfloat16

@@ -259,7 +259,13 @@ def _untie_lm_head(model: nn.Module) -> None:
 
 
 def quantize_model_(
-    model: nn.Module, scheme: str, *, group_size: int = 32, skip: Iterable[str] = DEFAULT_SKIP, lm_head: str = "bf16"
+    model: nn.Module,
+    scheme: str,
+    *,
+    group_size: int = 32,
+    skip: Iterable[str] = DEFAULT_SKIP,
+    lm_head: str = "bf16",
+    int8_parts: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Replace the model's `nn.Linear` layers in place with weight-only quantized ones.
 
@@ -267,8 +273,11 @@ def quantize_model_(
     quantized: SmolLM2 ties lm_head to them, so by default both stay in the float dtype and
     stay tied). `lm_head="int8"` unties lm_head and quantizes it to int8 whatever the scheme.
     An int4 layer whose in_features is not a multiple of `group_size` stays float and is listed.
+    With scheme int4, layers whose last name part is in `int8_parts` (e.g. "up_proj") are int8
+    instead: mixed precision for the projections measurement finds sensitive.
     Returns a JSON-safe summary (the `scheme_info` that `load_quantized` accepts).
     """
+    int8_parts = tuple(int8_parts)
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if scheme == "int4" and group_size not in GROUP_SIZES:
@@ -284,7 +293,7 @@ def quantize_model_(
         if any(s in parts for s in skip):
             kept.append(name)
             continue
-        kind = "int8" if parts[-1] == "lm_head" else scheme
+        kind = "int8" if parts[-1] == "lm_head" or parts[-1] in int8_parts else scheme
         if kind == "int4" and linear.in_features % group_size:
             kept.append(name)
             continue
@@ -303,6 +312,7 @@ def quantize_model_(
         "lm_head": lm_head,
         "quantized_layers": counts,
         "float_layers": kept,
+        **({"int8_parts": list(int8_parts)} if int8_parts and scheme == "int4" else {}),
     }
 
 

@@ -50,6 +50,7 @@ CANDIDATES = (
     Candidate("int8", lm_head="int8"),
     Candidate("int4", 32),
     Candidate("int4", 64),
+    Candidate("int4", 32, int8_parts=("gate_proj", "up_proj", "down_proj")),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),

@@ -137,7 +137,14 @@ def test_state_dict_round_trip_is_bit_exact(tiny: tuple, tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    "candidate", [Candidate("int8"), Candidate("int4", 32), Candidate("int8", lm_head="int8")], ids=lambda c: c.name
+    "candidate",
+    [
+        Candidate("int8"),
+        Candidate("int4", 32),
+        Candidate("int8", lm_head="int8"),
+        Candidate("int4", 32, int8_parts=("gate_proj", "up_proj", "down_proj")),
+    ],
+    ids=lambda c: c.name,
 )
 def test_load_artifact_runs_the_same_compressed_model(tiny: tuple, tmp_path: Path, candidate: Candidate) -> None:
     from baking.export import load_artifact, write_artifact
@@ -199,10 +206,15 @@ class _FakeEval:
 def test_search_keeps_the_first_candidate_that_meets_the_target(tiny: tuple) -> None:
     evaluate = _FakeEval({"none": 0.8, "int4": 0.7, "int8": 0.8, "bf16": 0.8})
     result = search(tiny[0], SearchConfig(accuracy_retention=0.99), device=CPU, evaluate=evaluate)
-    assert evaluate.seen == ["none", "int4", "int8"]  # reference, then most -> least aggressive, stop at a pass
+    # reference, then most -> least aggressive (int4, int4 attention + int8 MLP, int8), stop at a pass
+    assert evaluate.seen == ["none", "int4", "int4", "int8"]
     assert result.met and result.failed_target is None
     assert result.scheme["scheme"] == "int8" and result.scheme["search"]["chosen"] == "int8"
-    assert [(t.candidate, t.met) for t in result.trials] == [("int4-g32", False), ("int8", True)]
+    assert [(t.candidate, t.met) for t in result.trials] == [
+        ("int4-g32", False),
+        ("int4-g32+int8:gate,up,down", False),
+        ("int8", True),
+    ]
     assert result.trials[0].accuracy_retention == pytest.approx(0.875)
     assert any(isinstance(m, quant.Int8WeightOnlyLinear) for m in result.model.modules())
 
@@ -218,20 +230,26 @@ def test_search_names_the_failed_target_when_no_candidate_meets_it(tiny: tuple) 
         evaluate=evaluate,
         reference={"tool_call_accuracy": 0.8, "irrelevance_accuracy": 1.0},
     )
-    assert evaluate.seen == ["int4", "int8", "bf16"]  # the given reference is not re-measured
+    assert evaluate.seen == ["int4", "int4", "int8", "bf16"]  # the given reference is not re-measured
     assert not result.met and result.failed_target == "accuracy_retention"
     assert result.scheme["scheme"] == "bf16"  # the least aggressive is kept
     record = result.scheme["search"]
     assert record["met"] is False and record["failed_target"] == "accuracy_retention"
-    assert [t["candidate"] for t in record["trials"]] == ["int4-g32", "int8", "bf16"]
+    assert [t["candidate"] for t in record["trials"]] == ["int4-g32", "int4-g32+int8:gate,up,down", "int8", "bf16"]
     assert record["best_retention"] == pytest.approx(0.875)
     json.dumps({k: v for k, v in result.scheme.items() if k != "dtype_torch"})  # manifest-safe
 
 
 def test_search_config_round_trip_and_validation() -> None:
-    candidates = (Candidate("int4", 64), Candidate("int8", lm_head="int8"))
+    candidates = (
+        Candidate("int4", 64),
+        Candidate("int4", 32, int8_parts=("up_proj",)),
+        Candidate("int8", lm_head="int8"),
+    )
     config = SearchConfig(accuracy_retention=0.95, candidates=candidates)
     assert SearchConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="int8_parts"):
+        Candidate("int8", int8_parts=("up_proj",))
     with pytest.raises(ValueError, match="group_size"):
         Candidate("int4", 48)
     with pytest.raises(ValueError, match="lm_head"):
@@ -255,3 +273,14 @@ def test_cuda_path_matches_dequantized_reference(kind: str) -> None:
     ref = x @ q.dequantize().cpu().T + q.bias.float().cpu()
     y = q(x.cuda().bfloat16()).float().cpu()
     assert float((y - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
+
+
+def test_mixed_int4_keeps_the_named_projections_in_int8(tiny: tuple) -> None:
+    final, scheme = compress(tiny[0], Candidate("int4", 32, int8_parts=("gate_proj", "up_proj", "down_proj")), CPU)
+    kinds = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in final.named_modules() if "layers." in name}
+    assert {kinds[p] for p in ("gate_proj", "up_proj", "down_proj")} == {"Int8WeightOnlyLinear"}
+    assert {kinds[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj")} == {"Int4WeightOnlyLinear"}
+    assert scheme["int8_parts"] == ["gate_proj", "up_proj", "down_proj"] and scheme["quantized_layers"] == {
+        "int8": 6,
+        "int4": 8,
+    }
