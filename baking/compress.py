@@ -3,7 +3,8 @@
 `compress(model, quantization, device)` builds one setting: `none` (fp32), `bf16`, `int8`
 (weight-only, per output channel) or `int4` (weight-only, group-wise, group 32 by default);
 see `baking.quant`. Embeddings, and lm_head (tied to them in SmolLM2), stay in the float
-compute dtype unless a `Candidate` asks for an int8 lm_head.
+compute dtype unless a `Candidate` asks for an int8 lm_head (`int8`: untied, the embeddings
+float; `int8-tied`: both int8, one shared tensor).
 
 `search(model, config, device=..., evaluate=...)` is the `auto` setting, in the style of
 Intel Neural Compressor's accuracy-aware tuning: candidates from most to least aggressive,
@@ -41,7 +42,7 @@ class Candidate:
 
     scheme: str  # none | bf16 | int8 | int4
     group_size: int = 32  # int4 only: inputs sharing one scale and zero (32 | 64 | 128)
-    lm_head: str = "bf16"  # bf16: stays tied to the float embeddings; int8: untied, int8 weights
+    lm_head: str = "bf16"  # bf16: tied to the float embeddings; int8: untied, int8; int8-tied: both int8, shared
     int8_parts: tuple[str, ...] = ()  # int4 only: projections kept in int8 (e.g. "up_proj")
 
     def __post_init__(self) -> None:
@@ -72,16 +73,19 @@ class Candidate:
         return cls(**data)
 
 
-# Most -> least aggressive. Measured on SmolLM2-135M (CPU, bf16 activations): int4 g32 with
-# lm_head in bf16 keeps more top-1 tokens than int8 and is the fastest, so it goes first. A
+# Most -> least aggressive. Measured on SmolLM2-135M (CPU, bf16 activations): int4 g32 keeps
+# more top-1 tokens of the *original* model than int8 and is the fastest, so it goes first. A
 # *baked* model is more fragile: the LoRA update lives mostly in the MLP, and int4 rounding there
 # erased it (benchmarks/compress.py: tool accuracy 0.44 -> 0.00), while int4 attention with an
-# int8 MLP kept every held-out tool call; so that mix is tried before plain int8.
+# int8 MLP kept every held-out tool call; so that mix comes next, then plain int8. The 49k x 576
+# embedding (tied lm_head) is a fifth of the weights: in bf16 it alone keeps a 135M model above
+# a quarter of its fp32 size, and int8 lm_head measured as accurate as bf16 and faster, so the
+# integer candidates store it once, in int8, for both uses.
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 DEFAULT_CANDIDATES = (
-    Candidate("int4", 32),
-    Candidate("int4", 32, int8_parts=MLP_PROJECTIONS),
-    Candidate("int8"),
+    Candidate("int4", 32, lm_head="int8-tied"),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP_PROJECTIONS),
+    Candidate("int8", lm_head="int8-tied"),
     Candidate("bf16"),
 )
 

@@ -7,6 +7,8 @@ Storage (what goes into safetensors) is portable and kernel-independent:
 * int4: `qweight` uint8 [out, in/2] (two 4-bit codes per byte, high nibble = even column),
   `scales` and `zeros` bf16 [out, in/group]; asymmetric with a float zero point in the
   convention PyTorch's int4 kernels use: w ~= (code - 8) * scale + zero.
+* embeddings (only with `lm_head="int8-tied"`): int8 rows as above; tied to an int8 lm_head,
+  the one `qweight`/`scales` pair is stored once, under the embedding's name.
 
 The forward pass picks a kernel for the device: on CPU, PyTorch's own
 `torch._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (the int4 weight is
@@ -30,7 +32,10 @@ from torch import nn
 
 SCHEMES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-LM_HEAD_MODES = ("bf16", "int8")
+# bf16: lm_head stays float (tied to the float embeddings in SmolLM2); int8: lm_head untied and
+# int8, the embeddings float; int8-tied: lm_head and the embeddings int8, one shared tensor
+# when the model ties them (the smallest: no float copy of the 49k-row matrix at all).
+LM_HEAD_MODES = ("bf16", "int8", "int8-tied")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
 SCALE_DTYPE = torch.bfloat16
 _EPS = 1e-8
@@ -86,17 +91,43 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([high, low], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+# Clipping ratios tried per int4 group (1.0 = the group's full min..max range). Sixteen levels
+# spread over the full range waste resolution on one outlier; shrinking the range towards the
+# bulk of the group and clamping the outlier often lowers the group's squared error. The ratio
+# with the least error is kept per group (an MSE clip search, as llama.cpp's and AWQ's
+# quantizers do); 1.0 is always a candidate, so no group gets worse than plain min/max.
+INT4_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _int4_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scales = ((hi - lo) / 15).clamp(min=_EPS).to(SCALE_DTYPE)
+    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)
+    return scales, zeros
+
+
+def _int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    return torch.round((w - z) / s + 8).clamp(0, 15)
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group_size` input columns: (packed uint8, scales, zeros)."""
+    """Asymmetric int4 per group of `group_size` input columns: (packed uint8, scales, zeros),
+    the range of each group clipped by the INT4_CLIP_RATIOS entry with the least squared error."""
     out_features, in_features = weight.shape
     if in_features % group_size:
         raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
     w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((hi - lo) / 15).clamp(min=_EPS).to(SCALE_DTYPE)
-    zeros = (lo + 8 * scales.float()).to(SCALE_DTYPE)
-    s, z = scales.float()[..., None], zeros.float()[..., None]
-    codes = torch.round((w - z) / s + 8).clamp(0, 15).reshape(out_features, in_features)
+    best_err = torch.full_like(lo, math.inf)
+    scales, zeros = _int4_params(lo, hi)
+    for ratio in INT4_CLIP_RATIOS:
+        s, z = _int4_params(lo * ratio, hi * ratio)
+        approx = (_int4_codes(w, s, z) - 8) * s.float()[..., None] + z.float()[..., None]
+        err = (w - approx).pow(2).sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
+    codes = _int4_codes(w, scales, zeros).reshape(out_features, in_features)
     return pack_int4(codes), scales, zeros
 
 
@@ -233,7 +264,40 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         return self._finish(y, shape)
 
 
-QUANTIZED_MODULES = (Int8WeightOnlyLinear, Int4WeightOnlyLinear)
+class Int8Embedding(nn.Module):
+    """Embedding rows from per-row int8 codes: row i ~= qweight[i] * scales[i]. With a tied
+    int8 lm_head the two modules hold the *same* `qweight` and `scales` tensors (an int8 lm_head
+    quantizes per output channel, i.e. per vocabulary row, so one set of codes serves both)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(num_embeddings, dtype=SCALE_DTYPE))
+        # What the rest of the model computes in (cast_floats_ sets it); rows come out in it.
+        self.output_dtype = torch.float32
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> Int8Embedding:
+        m = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+        m.qweight, m.scales = quantize_int8(embedding.weight)
+        return m.to(embedding.weight.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_int8(self.qweight, self.scales, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # plain indexing: it gathers int8 rows on every device (the embedding kernels want floats)
+        return self.qweight[ids].to(self.output_dtype) * self.scales[ids, None].to(self.output_dtype)
+
+
+QUANTIZED_MODULES = (Int8WeightOnlyLinear, Int4WeightOnlyLinear, Int8Embedding)
 
 
 # ---------------------------------------------------------------- whole models
@@ -269,9 +333,11 @@ def quantize_model_(
 ) -> dict[str, Any]:
     """Replace the model's `nn.Linear` layers in place with weight-only quantized ones.
 
-    Layers whose dotted name contains a part in `skip` stay float (embeddings are never
-    quantized: SmolLM2 ties lm_head to them, so by default both stay in the float dtype and
-    stay tied). `lm_head="int8"` unties lm_head and quantizes it to int8 whatever the scheme.
+    Layers whose dotted name contains a part in `skip` stay float (by default the embeddings
+    and lm_head: SmolLM2 ties them, so both stay in the float dtype and stay tied).
+    `lm_head="int8"` unties lm_head and quantizes it to int8 whatever the scheme;
+    `lm_head="int8-tied"` quantizes lm_head and the input embeddings to int8, one shared tensor
+    when they were tied (the config keeps saying tied).
     An int4 layer whose in_features is not a multiple of `group_size` stays float and is listed.
     With scheme int4, layers whose last name part is in `int8_parts` (e.g. "up_proj") are int8
     instead: mixed precision for the projections measurement finds sensitive.
@@ -284,7 +350,8 @@ def quantize_model_(
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     if lm_head not in LM_HEAD_MODES:
         raise ValueError(f"lm_head must be one of {LM_HEAD_MODES}, got {lm_head!r}")
-    skip = tuple(s for s in skip if not (lm_head == "int8" and s == "lm_head"))
+    skip = tuple(s for s in skip if not (lm_head != "bf16" and s == "lm_head"))
+    embedding_tied = _embeddings_tied(model)
     kept: list[str] = []
     counts = {"int8": 0, "int4": 0}
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
@@ -297,7 +364,7 @@ def quantize_model_(
         if kind == "int4" and linear.in_features % group_size:
             kept.append(name)
             continue
-        if parts[-1] == "lm_head":
+        if parts[-1] == "lm_head" and lm_head == "int8":
             _untie_lm_head(model)
         new: nn.Module = (
             Int8WeightOnlyLinear.from_linear(linear)
@@ -306,6 +373,8 @@ def quantize_model_(
         )
         _set_module(model, name, new)
         counts[kind] += 1
+    if lm_head == "int8-tied":
+        _quantize_embeddings_(model, share_with_lm_head=embedding_tied)
     return {
         "scheme": scheme,
         "group_size": group_size if scheme == "int4" else None,
@@ -316,11 +385,47 @@ def quantize_model_(
     }
 
 
+def _embeddings_tied(model: nn.Module) -> bool:
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return False
+    inp, out = get_in(), get_out()
+    return (
+        isinstance(inp, nn.Embedding) and isinstance(out, nn.Linear) and inp.weight.data_ptr() == out.weight.data_ptr()
+    )
+
+
+def _quantize_embeddings_(model: nn.Module, *, share_with_lm_head: bool) -> None:
+    """Swap the input embeddings for an Int8Embedding; tied to an int8 lm_head, it takes the
+    head's codes and scales (the same tensors) instead of computing its own."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    new = Int8Embedding(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+    head = model.get_output_embeddings() if share_with_lm_head else None  # type: ignore[operator]
+    if isinstance(head, Int8WeightOnlyLinear):
+        new.qweight, new.scales = head.qweight, head.scales
+    else:
+        new = Int8Embedding.from_embedding(embedding)
+    model.set_input_embeddings(new)  # type: ignore[operator]
+
+
+def _share_tied_int8_(model: nn.Module) -> None:
+    """Loading a tied int8-tied artifact: point lm_head at the embedding's tensors."""
+    embedding = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if not isinstance(embedding, Int8Embedding) or isinstance(head, Int8WeightOnlyLinear):
+        return
+    new = Int8WeightOnlyLinear(embedding.embedding_dim, embedding.num_embeddings, bias=False)
+    new.qweight, new.scales = embedding.qweight, embedding.scales
+    model.set_output_embeddings(new)  # type: ignore[operator]
+
+
 def cast_floats_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Cast float parameters and persistent float buffers, leaving alone the quantized
     layers (their bf16 scales are the storage format) and non-persistent buffers such as
     RoPE's `inv_freq`, which `from_pretrained(dtype=...)` also keeps in fp32."""
     for module in model.modules():
+        if isinstance(module, Int8Embedding):
+            module.output_dtype = dtype
         if isinstance(module, QUANTIZED_MODULES):
             continue
         for p in module._parameters.values():
@@ -362,7 +467,8 @@ def weight_bytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def logical_params(model: nn.Module) -> int:
-    """Parameter count as the float model had it (quantized weights counted per weight)."""
+    """Parameter count as the float model had it (quantized weights counted per weight, a
+    tensor shared by tied modules once)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():
@@ -370,8 +476,12 @@ def logical_params(model: nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel()
     for m in model.modules():
-        if isinstance(m, QUANTIZED_MODULES):
-            total += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
+        if isinstance(m, QUANTIZED_MODULES) and m.qweight.data_ptr() not in seen:
+            seen.add(m.qweight.data_ptr())
+            if isinstance(m, Int8Embedding):
+                total += m.num_embeddings * m.embedding_dim
+            else:
+                total += m.in_features * m.out_features + (m.out_features if m.bias is not None else 0)
     return total
 
 
@@ -386,7 +496,8 @@ def load_quantized(
     already says whether lm_head is tied) into the stored quantized model and load its tensors.
 
     Which layers are quantized, and how, is read from the tensors themselves: `<name>.qweight`
-    int8 -> int8, uint8 -> int4 with group_size = in_features / scales.shape[1].
+    int8 -> int8, uint8 -> int4 with group_size = in_features / scales.shape[1]; on an
+    embedding, int8 rows. A tied int8 lm_head is stored once, under the embedding's name.
     """
     if scheme_info.get("scheme") not in SCHEMES:
         raise ValueError(f"not a quantized scheme: {scheme_info.get('scheme')!r}")
@@ -395,6 +506,9 @@ def load_quantized(
             continue
         name = key[: -len(".qweight")]
         linear = model.get_submodule(name)
+        if isinstance(linear, nn.Embedding) and q.dtype == torch.int8:
+            _set_module(model, name, Int8Embedding(linear.num_embeddings, linear.embedding_dim, linear.padding_idx))
+            continue
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{name} holds quantized weights but is a {type(linear).__name__} in the skeleton")
         bias = f"{name}.bias" in state_dict
@@ -407,6 +521,8 @@ def load_quantized(
         else:
             raise ValueError(f"{key} has dtype {q.dtype}; expected int8 or uint8")
         _set_module(model, name, new)
+    if scheme_info.get("lm_head") == "int8-tied":
+        _share_tied_int8_(model)  # before loading: the load fills the one shared tensor in place
     if dtype is not None:
         cast_floats_(model, dtype)
     result = model.load_state_dict(dict(state_dict), strict=False)

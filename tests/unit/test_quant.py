@@ -124,6 +124,31 @@ def test_compress_quantizes_linears_and_keeps_embeddings_float(tiny: tuple, cand
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the input was not touched
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_int8_tied_stores_one_int8_matrix_for_embeddings_and_lm_head(tiny: tuple, scheme: str) -> None:
+    model, tokenizer = tiny
+    final, info = compress(model, Candidate(scheme, lm_head="int8-tied"), CPU)
+    untied, untied_info = compress(model, Candidate(scheme, lm_head="int8"), CPU)
+    embedding, head = final.get_input_embeddings(), final.get_output_embeddings()
+    assert isinstance(embedding, quant.Int8Embedding) and isinstance(head, quant.Int8WeightOnlyLinear)
+    assert embedding.qweight is head.qweight and embedding.scales is head.scales  # one tensor, two uses
+    assert final.config.tie_word_embeddings is True
+    assert not any(p.numel() == embedding.qweight.numel() for p in final.parameters())  # no float copy
+    float_embedding = untied.get_input_embeddings().weight  # what the untied variant keeps besides
+    float_bytes = float_embedding.numel() * float_embedding.element_size()
+    assert info["weight_bytes"] == untied_info["weight_bytes"] - float_bytes
+    assert info["params"] == sum(p.numel() for p in model.parameters())  # the shared tensor counted once
+    ids = _ids(tokenizer)
+    rows = embedding(ids)
+    assert rows.dtype == info["dtype_torch"]
+    expected_rows = quant.dequantize_int8(embedding.qweight, embedding.scales)[ids]
+    assert torch.allclose(rows.float(), expected_rows, rtol=1e-2, atol=1e-3)
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        out = final(input_ids=ids).logits.float()
+    assert quant.sqnr(ref, out) > 10
+
+
 def test_state_dict_round_trip_is_bit_exact(tiny: tuple, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -143,6 +168,8 @@ def test_state_dict_round_trip_is_bit_exact(tiny: tuple, tmp_path: Path) -> None
         Candidate("int4", 32),
         Candidate("int8", lm_head="int8"),
         Candidate("int4", 32, int8_parts=("gate_proj", "up_proj", "down_proj")),
+        Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj", "down_proj")),
+        Candidate("int8", lm_head="int8-tied"),
     ],
     ids=lambda c: c.name,
 )
@@ -176,6 +203,8 @@ def test_load_artifact_runs_the_same_compressed_model(tiny: tuple, tmp_path: Pat
         generated = loaded.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(got, expected)
     assert generated.shape == (1, ids.shape[1] + 4)
+    if candidate.lm_head == "int8-tied":  # still one shared tensor after the reload
+        assert loaded.get_input_embeddings().qweight is loaded.get_output_embeddings().qweight
 
 
 # ---------------------------------------------------------------- search
@@ -209,11 +238,11 @@ def test_search_keeps_the_first_candidate_that_meets_the_target(tiny: tuple) -> 
     # reference, then most -> least aggressive (int4, int4 attention + int8 MLP, int8), stop at a pass
     assert evaluate.seen == ["none", "int4", "int4", "int8"]
     assert result.met and result.failed_target is None
-    assert result.scheme["scheme"] == "int8" and result.scheme["search"]["chosen"] == "int8"
+    assert result.scheme["scheme"] == "int8" and result.scheme["search"]["chosen"] == "int8+lm_head-int8-tied"
     assert [(t.candidate, t.met) for t in result.trials] == [
-        ("int4-g32", False),
-        ("int4-g32+int8:gate,up,down", False),
-        ("int8", True),
+        ("int4-g32+lm_head-int8-tied", False),
+        ("int4-g32+int8:gate,up,down+lm_head-int8-tied", False),
+        ("int8+lm_head-int8-tied", True),
     ]
     assert result.trials[0].accuracy_retention == pytest.approx(0.875)
     assert any(isinstance(m, quant.Int8WeightOnlyLinear) for m in result.model.modules())
@@ -235,7 +264,12 @@ def test_search_names_the_failed_target_when_no_candidate_meets_it(tiny: tuple) 
     assert result.scheme["scheme"] == "bf16"  # the least aggressive is kept
     record = result.scheme["search"]
     assert record["met"] is False and record["failed_target"] == "accuracy_retention"
-    assert [t["candidate"] for t in record["trials"]] == ["int4-g32", "int4-g32+int8:gate,up,down", "int8", "bf16"]
+    assert [t["candidate"] for t in record["trials"]] == [
+        "int4-g32+lm_head-int8-tied",
+        "int4-g32+int8:gate,up,down+lm_head-int8-tied",
+        "int8+lm_head-int8-tied",
+        "bf16",
+    ]
     assert record["best_retention"] == pytest.approx(0.875)
     json.dumps({k: v for k, v in result.scheme.items() if k != "dtype_torch"})  # manifest-safe
 
