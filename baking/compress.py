@@ -27,11 +27,12 @@ from typing import Any
 
 import torch
 
-from baking import quant
+from baking import gptq, quant
 from baking.prune import PruneConfig, prune_, sparsity_summary
 from baking.recover import RecoveryConfig, RecoveryData, mean_kl, recover
 
 SCHEMES = ("none", "bf16", "int8", "int4")
+ROUNDINGS = ("nearest", "gptq")
 # The task accuracies DESIGN.md §6 defines accuracy_retention over (as `evaluate` names them).
 ACCURACY_KEYS = ("tool_call_accuracy", "irrelevance_accuracy", "guideline_pass_rate")
 
@@ -44,11 +45,16 @@ class Candidate:
     group_size: int = 32  # int4 only: inputs sharing one scale and zero (32 | 64 | 128)
     lm_head: str = "bf16"  # bf16: tied to the float embeddings; int8: untied, int8; int8-tied: both int8, shared
     int8_parts: tuple[str, ...] = ()  # int4 only: projections kept in int8 (e.g. "up_proj")
+    rounding: str = "nearest"  # int4 only: nearest | gptq (baking.gptq, calibrated on the job's conversations)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "int8_parts", tuple(self.int8_parts))  # JSON gives lists
         if self.int8_parts and self.scheme != "int4":
             raise ValueError("int8_parts mixes precisions within int4 only")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.rounding != "nearest" and self.scheme != "int4":
+            raise ValueError("rounding=gptq applies to int4 only")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.group_size not in quant.GROUP_SIZES:
@@ -61,6 +67,8 @@ class Candidate:
     @property
     def name(self) -> str:
         base = f"int4-g{self.group_size}" if self.scheme == "int4" else self.scheme
+        if self.rounding != "nearest":
+            base += f"-{self.rounding}"
         if self.int8_parts:
             base += "+int8:" + ",".join(p.removesuffix("_proj") for p in self.int8_parts)
         return base if self.lm_head == "bf16" else f"{base}+lm_head-{self.lm_head}"
@@ -145,11 +153,18 @@ class SearchResult:
 # ---------------------------------------------------------------- one setting
 
 
-def compress(model: Any, quantization: str | Candidate, device: torch.device) -> tuple[Any, dict[str, Any]]:
+def compress(
+    model: Any,
+    quantization: str | Candidate,
+    device: torch.device,
+    *,
+    calibration: Sequence[Sequence[int]] = (),
+) -> tuple[Any, dict[str, Any]]:
     """(final model, scheme dict). The scheme dict keys: scheme, dtype, dtype_torch (not JSON),
     weight_bytes (stored bytes), params (parameter count of the uncompressed input, tied
     weights once: `params * 4` is the fp32 size to compare against), and for int8/int4 the
-    quantization details (group_size, lm_head, quantized_layers, float_layers)."""
+    quantization details (group_size, lm_head, quantized_layers, float_layers).
+    `calibration` (token id sequences) is what a GPTQ candidate calibrates on."""
     if isinstance(quantization, str) and quantization == "auto":
         # `auto` needs an evaluator: the pipeline calls search(); compress alone keeps bf16.
         final, scheme = compress(model, Candidate("bf16"), device)
@@ -164,13 +179,26 @@ def compress(model: Any, quantization: str | Candidate, device: torch.device) ->
     if candidate.scheme in quant.SCHEMES:
         # quantize from the float32 weights, then cast what stays float
         final.float()
+        precomputed: dict[str, gptq.Int4Codes] = {}
+        if candidate.rounding == "gptq":
+            if not calibration:
+                raise ValueError(f"{candidate.name} needs calibration sequences")
+            precomputed = gptq.gptq_quantize_(
+                final,
+                calibration,
+                group_size=candidate.group_size,
+                select=lambda name: name.rsplit(".", 1)[-1] not in candidate.int8_parts,
+            )
         info = quant.quantize_model_(
             final,
             candidate.scheme,
             group_size=candidate.group_size,
             lm_head=candidate.lm_head,
             int8_parts=candidate.int8_parts,
+            precomputed_int4=precomputed,
         )
+        if precomputed:
+            info["rounding"] = {"method": "gptq", "layers": len(precomputed), "calibration_sequences": len(calibration)}
     else:
         dtype = torch.bfloat16
     quant.cast_floats_(final, dtype)
@@ -277,13 +305,15 @@ def search(
     evaluate: Callable[[Any], Mapping[str, Any]],
     reference: Mapping[str, Any] | None = None,
     on_trial: Callable[[Trial], None] | None = None,
+    calibration: Sequence[Sequence[int]] = (),
 ) -> SearchResult:
     """Try `config.candidates` in order; keep the first whose accuracy retention meets the target.
 
     `evaluate(model)` returns task accuracies (the `config.accuracy_keys`) and any fidelity
     diagnostics worth recording; `reference` is its result on the uncompressed model (measured
     here when not given). If no candidate meets the target, the last (least aggressive) one is
-    returned with `met=False` and `failed_target="accuracy_retention"`.
+    returned with `met=False` and `failed_target="accuracy_retention"`. `calibration` goes to
+    the GPTQ candidates (see `compress`).
     """
     ref = dict(reference) if reference is not None else dict(evaluate(model))
     trials: list[Trial] = []
@@ -291,7 +321,7 @@ def search(
     scheme: dict[str, Any] = {}
     for i, candidate in enumerate(config.candidates):
         started = time.monotonic()
-        final, scheme = compress(model, candidate, device)
+        final, scheme = compress(model, candidate, device, calibration=calibration)
         metrics = dict(evaluate(final))
         retention = accuracy_retention(metrics, ref, config.accuracy_keys)
         met = retention is not None and retention >= config.accuracy_retention

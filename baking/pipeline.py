@@ -364,11 +364,18 @@ def _optimize(
             run.check()
             return out
 
+        config = SearchConfig(accuracy_retention=spec.targets.accuracy_retention)
+        gptq_calibration = (
+            recovery_data(tokenizer, train_split).calibration
+            if any(c.rounding == "gptq" for c in config.candidates)
+            else []
+        )
         result = search(
             source,
-            SearchConfig(accuracy_retention=spec.targets.accuracy_retention),
+            config,
             device=device,
             evaluate=evaluate,
+            calibration=gptq_calibration,
             reference=evaluate(baked) if pruned is not None else None,
             on_trial=lambda t: run.info(
                 f"compression trial {t.candidate}: retention {t.accuracy_retention}",

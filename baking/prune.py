@@ -198,7 +198,7 @@ def block_inputs(
     return hidden, calls
 
 
-def _run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
     out = block(hidden, *call[0], **call[1])
     return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...)
 
@@ -223,7 +223,7 @@ def input_norms(
     handles = [m.register_forward_pre_hook(gather(name)) for name, m in linears.items()]
     try:
         for hidden, call in inputs:
-            _run_block(block, hidden, call)
+            run_block(block, hidden, call)
     finally:
         for h in handles:
             h.remove()
@@ -266,7 +266,7 @@ def prune_(
             linear.weight.masked_fill_(~mask, 0.0)
             masks[name] = mask
         if wanda and i + 1 < len(blocks):
-            hidden = [_run_block(block, h, call) for h, call in inputs]
+            hidden = [run_block(block, h, call) for h, call in inputs]
         if on_block is not None:
             on_block(i + 1, len(blocks))
     model.train(was_training)

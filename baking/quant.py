@@ -105,29 +105,37 @@ def _int4_params(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torc
     return scales, zeros
 
 
-def _int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+def int4_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """Codes 0..15 (as floats) of `w` [..., n], one (scale, zero) per row of [...]."""
     s, z = scales.float()[..., None], zeros.float()[..., None]
     return torch.round((w - z) / s + 8).clamp(0, 15)
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group_size` input columns: (packed uint8, scales, zeros),
-    the range of each group clipped by the INT4_CLIP_RATIOS entry with the least squared error."""
-    out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
-    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+def int4_group_params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, zeros), bf16 [...], for float groups `w` [..., group_size]: per group, the clipped
+    min..max range of INT4_CLIP_RATIOS with the least squared rounding error."""
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
     best_err = torch.full_like(lo, math.inf)
     scales, zeros = _int4_params(lo, hi)
     for ratio in INT4_CLIP_RATIOS:
         s, z = _int4_params(lo * ratio, hi * ratio)
-        approx = (_int4_codes(w, s, z) - 8) * s.float()[..., None] + z.float()[..., None]
+        approx = (int4_codes(w, s, z) - 8) * s.float()[..., None] + z.float()[..., None]
         err = (w - approx).pow(2).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         scales, zeros = torch.where(better, s, scales), torch.where(better, z, zeros)
-    codes = _int4_codes(w, scales, zeros).reshape(out_features, in_features)
+    return scales, zeros
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group of `group_size` input columns, rounded to nearest: (packed
+    uint8, scales, zeros), each group's range clipped as `int4_group_params` picks."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    scales, zeros = int4_group_params(w)
+    codes = int4_codes(w, scales, zeros).reshape(out_features, in_features)
     return pack_int4(codes), scales, zeros
 
 
@@ -224,9 +232,15 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=SCALE_DTYPE))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> Int4WeightOnlyLinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        group_size: int = 32,
+        codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> Int4WeightOnlyLinear:
+        """`codes` (packed, scales, zeros) computed elsewhere (baking.gptq); else rounded to nearest."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group_size)
-        m.qweight, m.scales, m.zeros = quantize_int4(linear.weight, group_size)
+        m.qweight, m.scales, m.zeros = codes if codes is not None else quantize_int4(linear.weight, group_size)
         if linear.bias is not None:
             m.bias = linear.bias.detach().to(SCALE_DTYPE).clone()
         return m.to(linear.weight.device)
@@ -330,6 +344,7 @@ def quantize_model_(
     skip: Iterable[str] = DEFAULT_SKIP,
     lm_head: str = "bf16",
     int8_parts: Iterable[str] = (),
+    precomputed_int4: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, Any]:
     """Replace the model's `nn.Linear` layers in place with weight-only quantized ones.
 
@@ -340,7 +355,8 @@ def quantize_model_(
     when they were tied (the config keeps saying tied).
     An int4 layer whose in_features is not a multiple of `group_size` stays float and is listed.
     With scheme int4, layers whose last name part is in `int8_parts` (e.g. "up_proj") are int8
-    instead: mixed precision for the projections measurement finds sensitive.
+    instead: mixed precision for the projections measurement finds sensitive. `precomputed_int4` maps
+    layer names to int4 (packed, scales, zeros) already computed (GPTQ); the rest round to nearest.
     Returns a JSON-safe summary (the `scheme_info` that `load_quantized` accepts).
     """
     int8_parts = tuple(int8_parts)
@@ -369,7 +385,7 @@ def quantize_model_(
         new: nn.Module = (
             Int8WeightOnlyLinear.from_linear(linear)
             if kind == "int8"
-            else Int4WeightOnlyLinear.from_linear(linear, group_size)
+            else Int4WeightOnlyLinear.from_linear(linear, group_size, (precomputed_int4 or {}).get(name))
         )
         _set_module(model, name, new)
         counts[kind] += 1

@@ -6,7 +6,8 @@ MODEL_DIR defaults to the fleet bake artifact's merged/ (benchmarks/bake_quality
 it), else the pulled original model. For each candidate: stored weight bytes, compression
 vs fp32, p50/p95 latency of `--requests` fleet queries with no system prompt against the
 original model in bf16 *with* the full fleet system prompt (DESIGN.md §6 `latency_ms`),
-speedup, and fidelity to the uncompressed (fp32) model on held-out text
+speedup (and the fp32 original with its prompt beside the bf16 one: on a CPU without native
+bf16, bf16 is emulated and slow), and fidelity to the uncompressed (fp32) model on held-out text
 (examples/vehicle_manual.md, its last `--eval-tokens` tokens): top-1 agreement, mean
 KL(fp32 || candidate) per token and relative perplexity change; and the task itself:
 tool_call_accuracy on the fleet job's held-out tool cases (no system prompt) and
@@ -56,6 +57,8 @@ CANDIDATES = (
     Candidate("int4", 32, lm_head="int8-tied"),
     Candidate("int4", 32, int8_parts=MLP),
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP),
+    Candidate("int4", 32, lm_head="int8-tied", rounding="gptq"),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP, rounding="gptq"),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),
@@ -165,16 +168,17 @@ def main() -> None:
             **fidelity(reference_logits, final, ids),
         }
 
+    # the recovery text leaves out the tail that fidelity is measured on; GPTQ calibrates on
+    # the same training conversations + text as the pipeline gives it
+    data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
     rows = []
     for candidate in CANDIDATES:
         started = time.monotonic()
-        final, scheme = compress(model, candidate, cpu)
+        final, scheme = compress(model, candidate, cpu, calibration=data.calibration)
         rows.append(measure(candidate.name, final, scheme, time.monotonic() - started))
         print(f"  {candidate.name}: done in {time.monotonic() - started:.0f}s", flush=True)
         del final
 
-    # the recovery text leaves out the tail that fidelity is measured on
-    data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
     recovery = RecoveryConfig(steps=args.recovery_steps) if args.recovery_steps else None
     last: tuple[PruneConfig, Any, dict[str, Any]] | None = None
     for pruning, candidate in () if args.no_pruning else PRUNED:

@@ -1,0 +1,136 @@
+"""GPTQ rounding for int4 weights (Frantar et al. 2022, arXiv 2210.17323), block by block.
+
+Rounding each weight to its nearest int4 level minimises the error of the *weights*; what the
+model needs kept is each layer's *output* on the inputs it really sees. GPTQ rounds one input
+column at a time and spreads that column's rounding error over the columns not yet rounded, in
+proportion to how the calibration inputs correlate them (the inverse of H = X^T X), so the
+errors cancel in X W^T instead of adding up. For a baked model this is what keeps the baking:
+its LoRA update is smaller than an int4 step, and rounding to nearest erased it
+(benchmarks/compress.py), while the calibration inputs here are the job's own conversations.
+
+The stored format is unchanged (baking.quant: codes 0..15, one bf16 scale and zero per group);
+each group's scale and zero are chosen, as for round-to-nearest, by the least-squares clip
+search, on the group's weights as GPTQ has updated them when it reaches the group.
+
+Sequential as in the paper's code: block i is calibrated on the outputs of blocks < i *after*
+they were quantized (the recorded-input machinery of baking.prune, shared with Wanda).
+Pure torch; about a minute for SmolLM2-135M on 2 CPU cores with 32 calibration sequences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from baking import quant
+from baking.prune import BlockCall, block_inputs, block_linears, decoder_blocks, run_block
+
+Int4Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # packed uint8, scales, zeros
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
+COLUMN_BLOCK = 128  # columns rounded together before the lazy update of the rest (a multiple of every group size)
+
+
+def gptq_int4(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, *, damp: float = DAMP) -> Int4Codes:
+    """int4 codes of `weight` [out, in] for inputs with second moment `hessian` [in, in]."""
+    out_features, in_features = weight.shape
+    if in_features % group_size or COLUMN_BLOCK % group_size:
+        raise ValueError(f"group_size {group_size} must divide in_features {in_features} and {COLUMN_BLOCK}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = torch.diag(h) == 0  # inputs never active in calibration: their weights do not matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(in_features, device=h.device)
+    # Upper Cholesky factor of H^-1: row i holds the error-propagation weights for column i
+    # given that columns < i are already fixed (the paper's Cholesky reformulation).
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    groups = in_features // group_size
+    scales = torch.empty(out_features, groups, dtype=quant.SCALE_DTYPE, device=w.device)
+    zeros = torch.empty_like(scales)
+    for start in range(0, in_features, COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, in_features)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        u_block = u[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if column % group_size == 0:
+                g = column // group_size
+                s, z = quant.int4_group_params(block[:, i : i + group_size].unsqueeze(1))
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            s, z = scales[:, column // group_size], zeros[:, column // group_size]
+            code = quant.int4_codes(block[:, i : i + 1], s, z)[:, 0]
+            rounded = (code - 8) * s.float() + z.float()
+            codes[:, column] = code
+            error = (block[:, i] - rounded) / u_block[i, i]
+            block[:, i:] -= error[:, None] * u_block[i, i:][None, :]
+            errors[:, i] = error
+        w[:, end:] -= errors @ u[start:end, end:]
+    return quant.pack_int4(codes), scales, zeros
+
+
+@torch.no_grad()
+def _hessians(
+    block: nn.Module, linears: Mapping[str, nn.Linear], inputs: Sequence[tuple[torch.Tensor, BlockCall]]
+) -> dict[str, torch.Tensor]:
+    """X^T X / tokens over the calibration tokens, per layer of `block`, running it on `inputs`."""
+    sums = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
+    tokens = dict.fromkeys(linears, 0)
+
+    def gather(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            sums[name] += x.T @ x
+            tokens[name] += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(gather(n)) for n, m in linears.items()]
+    try:
+        for hidden, call in inputs:
+            run_block(block, hidden, call)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s / max(1, tokens[n]) for n, s in sums.items()}
+
+
+@torch.no_grad()
+def gptq_quantize_(
+    model: nn.Module,
+    calibration: Sequence[Sequence[int]],
+    *,
+    group_size: int,
+    select: Callable[[str], bool],
+    should_stop: Callable[[], None] | None = None,
+) -> dict[str, Int4Codes]:
+    """GPTQ int4 codes for every decoder-block Linear whose name `select` accepts, keyed by name.
+
+    Works on a float model in place: each selected layer's weight is replaced by its dequantized
+    int4 value, so later blocks calibrate on what the quantized model computes. Hand the codes
+    to `quant.quantize_model_(precomputed_int4=...)` to build the stored layers.
+    """
+    sequences = [list(c) for c in calibration if len(c)]
+    if not sequences:
+        raise ValueError("GPTQ needs calibration sequences")
+    was_training = model.training
+    model.eval()
+    _, blocks = decoder_blocks(model)
+    hidden, calls = block_inputs(model, sequences)
+    out: dict[str, Int4Codes] = {}
+    for i, (block, linears) in enumerate(zip(blocks, block_linears(model), strict=True)):
+        if should_stop is not None:
+            should_stop()
+        chosen = {n: m for n, m in linears.items() if select(n) and m.in_features % group_size == 0}
+        inputs = [(h, c[i]) for h, c in zip(hidden, calls, strict=True)]
+        hessians = _hessians(block, chosen, inputs) if chosen else {}
+        for name, linear in chosen.items():
+            out[name] = gptq_int4(linear.weight, hessians[name], group_size)
+            linear.weight.copy_(quant.dequantize_int4(*out[name], dtype=linear.weight.dtype))
+        if i + 1 < len(blocks):
+            hidden = [run_block(block, h, call) for h, call in inputs]
+    model.train(was_training)
+    return out
