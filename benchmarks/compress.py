@@ -50,10 +50,8 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 CANDIDATES = (
     Candidate("bf16"),
     Candidate("int8"),
-    Candidate("int8", lm_head="int8"),
     Candidate("int8", lm_head="int8-tied"),
     Candidate("int4", 32),
-    Candidate("int4", 64),
     Candidate("int4", 32, lm_head="int8-tied"),
     Candidate("int4", 32, int8_parts=MLP),
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP),
