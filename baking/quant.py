@@ -10,11 +10,13 @@ Storage (what goes into safetensors) is portable and kernel-independent:
 * embeddings (only with `lm_head="int8-tied"`): int8 rows as above; tied to an int8 lm_head,
   the one `qweight`/`scales` pair is stored once, under the embedding's name.
 
-The forward pass picks a kernel for the device: on CPU, PyTorch's own
+The forward pass picks a kernel for the device: on CPU with bf16 activations, PyTorch's own
 `torch._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` (the int4 weight is
-repacked into that kernel's layout on first use, never stored); elsewhere (CUDA, or a CPU
-kernel that refuses the shape) the weight is dequantized to the activation dtype and goes
-through `F.linear`. Activations are bf16 where the device supports it (`compute_dtype`).
+repacked into that kernel's layout on first use, never stored); elsewhere (CUDA, fp32
+activations on a CPU without native bf16, or a kernel that refuses the shape) the weight is
+dequantized to the activation dtype and goes through `F.linear` (on CPU the dequantized copy
+is built once: see `_dense_weight`). Activations are bf16 where the device supports it
+(`compute_dtype`).
 
 Scales are rounded to bf16 *before* the codes are computed, so the stored codes are the
 best ones for the scales that are actually used.
@@ -187,6 +189,19 @@ class _WeightOnlyLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
+    def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in the activation dtype, built once on CPU (per call elsewhere,
+        so a GPU never holds a float copy). Used where no integer kernel pays: PyTorch's int8/int4
+        CPU kernels are fast with bf16 activations on CPUs that run bf16 natively, but with fp32
+        activations (an AVX2 CPU without bf16) they measured 6x (one token) to 50x (64 tokens)
+        slower than fp32 `F.linear` for a 576 -> 1536 layer; the stored weights stay integer."""
+        if self.qweight.device.type != "cpu":
+            return self.dequantize(dtype)
+        key = ("dense", dtype)
+        if key not in self._cache:
+            self._cache[key] = self.dequantize(dtype)
+        return self._cache[key]  # type: ignore[no-any-return,unused-ignore]
+
 
 class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """y = x @ (qweight * scales)^T, per-output-channel symmetric int8 weights."""
@@ -210,10 +225,10 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
             y = torch._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x.dtype))
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = F.linear(x2, self._dense_weight(x.dtype))
         return self._finish(y, shape)
 
 
@@ -270,11 +285,11 @@ class Int4WeightOnlyLinear(_WeightOnlyLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        args = self._cpu_kernel_args(x.dtype) if x.device.type == "cpu" else None
+        args = self._cpu_kernel_args(x.dtype) if x.device.type == "cpu" and x.dtype == torch.bfloat16 else None
         if args is not None:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), args[0], self.group_size, args[1])
         else:
-            y = F.linear(x2, self.dequantize(x.dtype))
+            y = F.linear(x2, self._dense_weight(x.dtype))
         return self._finish(y, shape)
 
 
