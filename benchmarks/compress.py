@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
     parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--no-pruning", action="store_true", help="skip the pruned rows (they take longest)")
-    parser.add_argument("--only", default="", help="comma-separated candidate names to measure (default: all)")
+    parser.add_argument("--only", default="", help="candidate names to measure, separated by ; (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
@@ -171,7 +171,7 @@ def main() -> None:
     # the same training conversations + text as the pipeline gives it
     data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
     rows = []
-    chosen = [c for c in CANDIDATES if not args.only or c.name in args.only.split(",")]
+    chosen = [c for c in CANDIDATES if not args.only or c.name in args.only.split(";")]
     for candidate in chosen:
         started = time.monotonic()
         final, scheme = compress(model, candidate, cpu, calibration=data.calibration)
