@@ -28,11 +28,14 @@ import yaml
 from cli.client import TERMINAL, BakehouseClient
 from tests.conftest import ROOT, free_port, service_missing
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(45 * 60)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(65 * 60)]
 
 MODEL = "smollm2-135m-instruct"
 SPEC = ROOT / "examples" / "fleet-assistant.yaml"
-JOB_TIMEOUT_S = 40 * 60
+# A hang guard, not a speed target: the whole CI run took 23 min on a 2-core machine with native
+# bf16; on one without it (AVX2 only: the bf16 baseline is emulated) this quick bake took 42 min,
+# the last 10 of them sharing the cores with a benchmark.
+JOB_TIMEOUT_S = 60 * 60
 TOOL_QUERY = "What is the coolant temperature right now?"
 
 
