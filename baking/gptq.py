@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from baking import quant
-from baking.prune import BlockCall, block_inputs, block_linears, decoder_blocks, run_block
+from baking.prune import BlockCall, block_inputs, block_linears, decoder_blocks, feed_block, run_block
 
 Int4Codes = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # packed uint8, scales, zeros
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: keeps the inverse well conditioned
@@ -80,21 +80,11 @@ def _hessians(
     sums = {n: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for n, m in linears.items()}
     tokens = dict.fromkeys(linears, 0)
 
-    def gather(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] += x.T @ x
-            tokens[name] += x.shape[0]
+    def add(name: str, x: torch.Tensor) -> None:
+        sums[name] += x.T @ x
+        tokens[name] += x.shape[0]
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(gather(n)) for n, m in linears.items()]
-    try:
-        for hidden, call in inputs:
-            run_block(block, hidden, call)
-    finally:
-        for h in handles:
-            h.remove()
+    feed_block(block, linears, inputs, add)
     return {n: s / max(1, tokens[n]) for n, s in sums.items()}
 
 

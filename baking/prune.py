@@ -204,19 +204,18 @@ def run_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.
 
 
 @torch.no_grad()
-def input_norms(
-    block: nn.Module, linears: Mapping[str, nn.Linear], inputs: Sequence[tuple[torch.Tensor, BlockCall]]
-) -> dict[str, torch.Tensor]:
-    """||X_j||_2 over all calibration tokens, per input channel of each of `linears` (inside
-    `block`), running the block alone on its recorded inputs."""
-    sums = {
-        name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in linears.items()
-    }
+def feed_block(
+    block: nn.Module,
+    linears: Mapping[str, nn.Linear],
+    inputs: Sequence[tuple[torch.Tensor, BlockCall]],
+    on_input: Callable[[str, torch.Tensor], None],
+) -> None:
+    """Run `block` alone on its recorded `inputs`, handing each of `linears`' inputs, as float
+    [tokens, in_features], to `on_input(name, x)` (calibration statistics: Wanda, GPTQ)."""
 
     def gather(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().float()
-            sums[name] += x.pow(2).reshape(-1, x.shape[-1]).sum(dim=0)
+            on_input(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))
 
         return hook
 
@@ -227,6 +226,22 @@ def input_norms(
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def input_norms(
+    block: nn.Module, linears: Mapping[str, nn.Linear], inputs: Sequence[tuple[torch.Tensor, BlockCall]]
+) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over all calibration tokens, per input channel of each of `linears` (inside
+    `block`), running the block alone on its recorded inputs."""
+    sums = {
+        name: torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device) for name, m in linears.items()
+    }
+
+    def add(name: str, x: torch.Tensor) -> None:
+        sums[name] += x.pow(2).sum(dim=0)
+
+    feed_block(block, linears, inputs, add)
     return {name: s.sqrt() for name, s in sums.items()}
 
 

@@ -115,24 +115,16 @@ def main() -> None:
     text_ids = tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"]
     ids = torch.tensor([text_ids[-args.eval_tokens :]])
 
-    original = load_model(Path(args.original), cpu, dtype=torch.bfloat16)  # its published dtype
-    base = latency_ms(
-        original,
-        tokenizer,
-        [with_system(system_prompt, [{"role": "user", "content": q}]) for q in queries],
-        new_tokens=args.new_tokens,
-    )
-    del original
+    def prompted_latency(dtype: torch.dtype) -> dict[str, Any]:
+        """The original model in `dtype`, with the full system prompt, on the same requests."""
+        original = load_model(Path(args.original), cpu, dtype=dtype)
+        prompted = [with_system(system_prompt, [{"role": "user", "content": q}]) for q in queries]
+        return latency_ms(original, tokenizer, prompted, new_tokens=args.new_tokens)
+
+    base = prompted_latency(torch.bfloat16)  # its published dtype
     # The speedups are against bf16 (DESIGN.md §6); on a CPU without native bf16 that baseline
     # is emulated and slow, so the fp32 original with its prompt is printed beside it.
-    original32 = load_model(Path(args.original), cpu)
-    base32 = latency_ms(
-        original32,
-        tokenizer,
-        [with_system(system_prompt, [{"role": "user", "content": q}]) for q in queries],
-        new_tokens=args.new_tokens,
-    )
-    del original32
+    base32 = prompted_latency(torch.float32)
     print(
         f"model {args.model}; baseline: original bf16 + system prompt "
         f"({base['prompt_tokens_mean']:.0f} prompt tokens): p50 {base['p50']:.0f} ms, p95 {base['p95']:.0f} ms; "
