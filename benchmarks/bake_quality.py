@@ -1,7 +1,7 @@
 """Bake the reference model with the fleet-assistant job and print every baking metric of
 DESIGN.md §6 beside the baseline (the original model given the full system prompt).
 
-    .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu]
+    .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu] [--models-dir DIR]
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request.
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from baking import bake  # noqa: E402
-from core.settings import get_settings  # noqa: E402
 
 ROWS = [  # (metric, baseline metric, what it is)
     ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
@@ -52,7 +51,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
+    parser.add_argument("--models-dir", default=None, help="where pulled models live (default: the settings')")
     args = parser.parse_args()
+    if args.models_dir:
+        models_dir = Path(args.models_dir)
+    else:  # the service's settings; a GPU box with only the torch stack passes --models-dir instead
+        from core.settings import get_settings
+
+        models_dir = get_settings().models_dir
     spec = yaml.safe_load(Path(args.job).read_text())
     spec["profile"] = args.profile
     spec["device"] = args.device
@@ -70,7 +76,7 @@ def main() -> None:
         elif e.kind == "progress" and e.stage == "baking_tools" and e.step and e.step % 20 == 0:
             print(f"[{time.monotonic() - started:7.1f}s]   {e.message}", flush=True)
 
-    result = bake(spec, work, models_dir=get_settings().models_dir, on_event=on_event)
+    result = bake(spec, work, models_dir=models_dir, on_event=on_event)
     wall = time.monotonic() - started
     m = result.metrics
     print(f"\nfleet-assistant, profile {args.profile}, device {args.device}, wall time {wall / 60:.1f} min")

