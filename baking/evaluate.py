@@ -108,7 +108,7 @@ def persona_fidelity(
         if not ids:
             continue
         t = teacher_lp.float()
-        s = response_logprobs(student, tokenizer, user(q), ids)
+        s = response_logprobs(student, tokenizer, user(q), ids).float().to(t.device)
         kl_sum += float((t.exp() * (t - s)).sum())
         agree += int((t.argmax(-1) == s.argmax(-1)).sum())
         tokens += len(ids)

@@ -125,7 +125,7 @@ def main() -> None:
     queries = (QUERIES * ((args.requests + len(QUERIES) - 1) // len(QUERIES)))[: args.requests]
     tokenizer = load_tokenizer(Path(args.model))
     text_ids = tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"]
-    ids = torch.tensor([text_ids[-args.eval_tokens :]])
+    ids = torch.tensor([text_ids[-args.eval_tokens :]], device=device)
 
     def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
         if not compiled:

@@ -9,7 +9,10 @@ model baked on a lent GPU comes back to a CPU box whose transfer limits are tigh
 factors each changed matrix by SVD at the smallest rank that reproduces it (relative error
 below --tolerance), and stores the full difference where no rank below --max-rank does;
 `decode` adds the factors back to the base and copies the non-weight files (config,
-tokenizer, chat template) from --like. Both print the largest reconstruction error.
+tokenizer, chat template) from --like. `encode` prints the largest reconstruction error.
+On an H200 the merged matrices of a CUDA bake carried rounding noise of about 1e-4 of the
+delta's norm (full rank), so at a 1e-4 tolerance 71 of 210 fell back to full deltas (259 MB,
+more than comes back); the default tolerance is therefore 1e-3, well under bf16's precision.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def main() -> None:
     enc.add_argument("base", type=Path)
     enc.add_argument("merged", type=Path)
     enc.add_argument("out", type=Path)
-    enc.add_argument("--tolerance", type=float, default=1e-4)
+    enc.add_argument("--tolerance", type=float, default=1e-3)
     enc.add_argument("--max-rank", type=int, default=64)
     enc.add_argument("--shard-mb", type=int, default=15)
     dec = sub.add_parser("decode")
