@@ -65,6 +65,8 @@ CANDIDATES = (
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP),
     Candidate("int4", 32, lm_head="int8-tied", rounding="gptq"),
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP, rounding="gptq"),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=("up_proj",), rounding="gptq"),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj"), rounding="gptq"),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from baking import quant
-from baking.compress import Candidate, SearchConfig, compress, search
+from baking.compress import DEFAULT_CANDIDATES, Candidate, SearchConfig, compress, search
 
 SQNR_INT8_DB = 35.0
 SQNR_INT4_G32_DB = 18.0
@@ -232,9 +232,19 @@ class _FakeEval:
         return {"tool_call_accuracy": self.by_scheme[name], "irrelevance_accuracy": 1.0, "top1_agreement": 0.9}
 
 
+# round-to-nearest candidates: the search mechanics without GPTQ's calibration
+NEAREST = (
+    Candidate("int4", 32, lm_head="int8-tied"),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj", "down_proj")),
+    Candidate("int8", lm_head="int8-tied"),
+    Candidate("bf16"),
+)
+
+
 def test_search_keeps_the_first_candidate_that_meets_the_target(tiny: tuple) -> None:
     evaluate = _FakeEval({"none": 0.8, "int4": 0.7, "int8": 0.8, "bf16": 0.8})
-    result = search(tiny[0], SearchConfig(accuracy_retention=0.99), device=CPU, evaluate=evaluate)
+    config = SearchConfig(accuracy_retention=0.99, candidates=NEAREST)
+    result = search(tiny[0], config, device=CPU, evaluate=evaluate)
     # reference, then most -> least aggressive (int4, int4 attention + int8 MLP, int8), stop at a pass
     assert evaluate.seen == ["none", "int4", "int4", "int8"]
     assert result.met and result.failed_target is None
@@ -254,7 +264,7 @@ def test_search_names_the_failed_target_when_no_candidate_meets_it(tiny: tuple) 
     evaluate = _FakeEval({"int4": 0.5, "int8": 0.6, "bf16": 0.7})
     result = search(
         tiny[0],
-        SearchConfig(accuracy_retention=0.99),
+        SearchConfig(accuracy_retention=0.99, candidates=NEAREST),
         device=CPU,
         evaluate=evaluate,
         reference={"tool_call_accuracy": 0.8, "irrelevance_accuracy": 1.0},
@@ -272,6 +282,24 @@ def test_search_names_the_failed_target_when_no_candidate_meets_it(tiny: tuple) 
     ]
     assert record["best_retention"] == pytest.approx(0.875)
     json.dumps({k: v for k, v in result.scheme.items() if k != "dtype_torch"})  # manifest-safe
+
+
+def test_default_search_tries_gptq_int4_first_and_passes_over_it_without_calibration(tiny: tuple) -> None:
+    model, tokenizer = tiny
+    assert DEFAULT_CANDIDATES[0].rounding == "gptq" and DEFAULT_CANDIDATES[-1].scheme == "bf16"
+    calibration = [tokenizer("The brake fluid is checked every two years at the service.")["input_ids"]] * 2
+    evaluate = _FakeEval({"none": 0.8, "int4": 0.8, "int8": 0.8, "bf16": 0.8})
+    result = search(model, SearchConfig(), device=CPU, evaluate=evaluate, calibration=calibration)
+    assert evaluate.seen == ["none", "int4"] and result.met
+    assert result.scheme["rounding"]["method"] == "gptq"
+    assert result.scheme["search"]["skipped_without_calibration"] == []
+
+    evaluate = _FakeEval({"none": 0.8, "int4": 0.8, "int8": 0.8, "bf16": 0.8})
+    result = search(model, SearchConfig(), device=CPU, evaluate=evaluate)  # a job with no text to calibrate on
+    assert evaluate.seen == ["none", "int8"] and result.met
+    assert result.scheme["search"]["skipped_without_calibration"] == [DEFAULT_CANDIDATES[0].name]
+    with pytest.raises(ValueError, match="calibration"):
+        search(model, SearchConfig(candidates=DEFAULT_CANDIDATES[:1]), device=CPU, evaluate=evaluate)
 
 
 def test_search_config_round_trip_and_validation() -> None:
