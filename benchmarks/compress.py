@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from baking import quant  # noqa: E402
 from baking.chat import render_system_prompt, with_system  # noqa: E402
+from baking.compress import MLP_PROJECTIONS as MLP  # noqa: E402
 from baking.compress import Candidate, compress, sparsify  # noqa: E402
 from baking.data import split_spec  # noqa: E402
 from baking.evaluate import tool_accuracy  # noqa: E402
@@ -54,7 +55,6 @@ from baking.prune import PruneConfig  # noqa: E402
 from baking.recover import RecoveryConfig, recovery_data  # noqa: E402
 from baking.spec import BakeSpec  # noqa: E402
 
-MLP = ("gate_proj", "up_proj", "down_proj")
 CANDIDATES = (
     Candidate("bf16"),
     Candidate("int8"),

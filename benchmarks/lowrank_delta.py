@@ -46,16 +46,15 @@ def encode(base_dir: Path, merged_dir: Path, out_dir: Path, tolerance: float, ma
             continue
         if delta.ndim == 2 and min(delta.shape) > max_rank:
             u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            for rank in range(1, max_rank + 1):
-                approx = (u[:, :rank] * s[:rank]) @ vh[:rank]
-                error = float((approx - delta).norm()) / norm
-                if error < tolerance:
-                    factors[f"{name}::B"] = (u[:, :rank] * s[:rank]).cpu().contiguous()
-                    factors[f"{name}::A"] = vh[:rank].cpu().contiguous()
-                    worst = max(worst, error)
-                    break
-            else:
+            # the rank-r truncation's relative Frobenius error is the norm of the dropped singular values
+            tail = (s.flip(0).square().cumsum(0).flip(0).sqrt() / norm).tolist()  # tail[r]: error at rank r
+            rank = next((r for r in range(1, max_rank + 1) if tail[r] < tolerance), None)
+            if rank is None:
                 factors[f"{name}::full"] = delta.cpu().contiguous()
+            else:
+                factors[f"{name}::B"] = (u[:, :rank] * s[:rank]).cpu().contiguous()
+                factors[f"{name}::A"] = vh[:rank].cpu().contiguous()
+                worst = max(worst, tail[rank])
         else:
             factors[f"{name}::full"] = delta.cpu().contiguous()
     out_dir.mkdir(parents=True, exist_ok=True)

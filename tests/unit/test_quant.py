@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from baking import quant
-from baking.compress import DEFAULT_CANDIDATES, Candidate, SearchConfig, compress, search
+from baking.compress import DEFAULT_CANDIDATES, MLP_PROJECTIONS, Candidate, SearchConfig, compress, search
 
 SQNR_INT8_DB = 35.0
 SQNR_INT4_G32_DB = 18.0
@@ -235,7 +235,7 @@ class _FakeEval:
 # round-to-nearest candidates: the search mechanics without GPTQ's calibration
 NEAREST = (
     Candidate("int4", 32, lm_head="int8-tied"),
-    Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj", "down_proj")),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=MLP_PROJECTIONS),
     Candidate("int8", lm_head="int8-tied"),
     Candidate("bf16"),
 )
