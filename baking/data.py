@@ -242,6 +242,20 @@ def _template_number(rng: random.Random, low: int, high: int) -> str:
     return f"{value}.{rng.randint(1, 9)}" if rng.random() < 0.3 else str(value)
 
 
+# Share of numbers of 1,000 and more that augmentation writes with thousands separators in the
+# question. People write "1,600" as often as "1600"; the expression must carry 1600 either way
+# (a bake that saw only one form copied "1,600" into a call, which is not arithmetic).
+THOUSANDS_SEPARATOR_SHARE = 0.35
+
+
+def _as_written(number: str, rng: random.Random) -> str:
+    """`number` as a user might type it: with thousands separators some of the time."""
+    value = _number_value(number)
+    if "," in number or abs(value) < 1000 or rng.random() >= THOUSANDS_SEPARATOR_SHARE:
+        return number
+    return f"{value:,.{_decimals(number)}f}"
+
+
 def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 2) -> list[ToolCase]:
     """Plain-arithmetic calls for tools whose one required argument is compared as an expression.
 
@@ -264,8 +278,9 @@ def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 
                 "n": rng.randint(2, 12),
                 "p": rng.choice((5, 10, 12, 15, 19, 20, 25, 30, 40)),
             }
+            written = {k: _as_written(v, rng) if isinstance(v, str) else v for k, v in values.items()}
             cases.append(
-                ToolCase(tool.name, question.format(**values), {param: expression.format(**values)}, synthetic=True)
+                ToolCase(tool.name, question.format(**written), {param: expression.format(**values)}, synthetic=True)
             )
     return cases
 
@@ -306,7 +321,7 @@ def _resample(text: str, rng: random.Random, avoid: set[float]) -> str:
             candidate = round(magnitude * math.exp(rng.uniform(math.log(0.5), math.log(2.0))), places)
         candidate = max(candidate, 10.0**-places)
         if candidate != magnitude and sign * candidate not in avoid:
-            return ("-" if sign < 0 else "") + _format_like(candidate, text.lstrip("-"))
+            return ("-" if sign < 0 else "") + _as_written(_format_like(candidate, text.lstrip("-")), rng)
     return text
 
 
@@ -376,6 +391,36 @@ def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
     return out
 
 
+# Requests built around a search phrase itself. Neutral wording: they must fit any tool whose
+# argument is a keyword query, not one product's.
+_KEYWORD_TEMPLATES = (
+    "Look up {q}.",
+    "Can you look up {q}?",
+    "I need the info on {q}.",
+    "What does it say about {q}?",
+    "Find {q} for me",
+    "check {q} please",
+)
+
+
+def keyword_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: int) -> list[ToolCase]:
+    """The same call asked for in its own key phrase: "Look up ABS light." -> the case's arguments.
+
+    For tools with exactly one keyword-compared string argument (a search query). The call's other
+    arguments (a section, a category) stay as the user chose them for this phrase, so each variant
+    pairs the phrase's topic words with that choice once more: the mapping a held-out question on
+    the same topic needs, which a few dozen written questions teach thinly.
+    """
+    keyword_args = [name for name, rule in tool.argument_match.items() if rule == "keywords"]
+    if len(keyword_args) != 1 or not isinstance(case.arguments.get(keyword_args[0]), str):
+        return []
+    phrase = case.arguments[keyword_args[0]].strip()
+    if not phrase:
+        return []
+    templates = rng.sample(_KEYWORD_TEMPLATES, k=min(count, len(_KEYWORD_TEMPLATES)))
+    return [ToolCase(case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True) for template in templates]
+
+
 def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[ToolCase]:
     """Calls for single-enum-parameter tools over every enum value, from neutral templates.
 
@@ -402,11 +447,12 @@ def augment(
     variants_per_query: int = 2,
     per_enum_value: int = 2,
     numeric_per_query: int = 3,
+    keyword_per_query: int = 1,
     variants_per_demo: int = 2,
 ) -> Split:
     """Add variants of training cases only, never of held-out ones: surface variants of queries,
-    demonstrations and persona queries, the same calls with other numbers, and enum-template and
-    arithmetic calls."""
+    demonstrations and persona queries, the same calls with other numbers or asked for by their
+    key phrase, and enum-template and arithmetic calls."""
     rng = random.Random(spec.training.seed + 1)
     held = {text_hash(t) for t in split.heldout_texts()}
     seen = {text_hash(c.query) for c in split.train_tools} | held
@@ -424,6 +470,8 @@ def augment(
     tools = {t.name: t for t in spec.tools}
     for case in split.train_tools:
         for variant in numeric_variants(case, tools[case.tool], rng, numeric_per_query):
+            add(variant)
+        for variant in keyword_variants(case, tools[case.tool], rng, keyword_per_query):
             add(variant)
     for tool in spec.tools:
         for case in enum_variants(tool, rng, per_enum_value) + arithmetic_variants(tool, rng):

@@ -107,9 +107,69 @@ def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None
     for case in cases:
         expression = case.arguments["expression"]
         safe_eval_arithmetic(expression)  # raises unless it is plain arithmetic
-        numbers = re.findall(r"\d+", case.query)
-        assert numbers and all(n in expression for n in numbers), (case.query, expression)
+        assert "," not in expression  # a separator is how the question is written, never arithmetic
+        numbers = re.findall(r"\d[\d,]*", case.query)
+        assert numbers and all(n.replace(",", "") in expression for n in numbers), (case.query, expression)
+    # Large numbers come both ways in the questions, as people type them.
+    assert any(re.search(r"\d,\d{3}", c.query) for c in cases)
+    assert any(re.search(r"(?<![\d,.])\d{4}(?![\d,])", c.query) for c in cases)
     assert arithmetic_variants(by_name["get_vehicle_signal"], random.Random(0)) == []
+
+
+def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
+    import random
+
+    from baking.data import ToolCase, keyword_variants
+    from baking.spec import ToolSpec
+
+    search = ToolSpec(
+        name="search_manual",
+        description="search",
+        parameters={
+            "type": "object",
+            "properties": {"query": {"type": "string"}, "section": {"type": "string", "enum": ["brakes", "adas"]}},
+            "required": ["query", "section"],
+        },
+        argument_match={"query": "keywords"},
+    )
+    case = ToolCase("search_manual", "What does the ABS warning light mean?", {"query": "ABS light", "section": "brakes"})
+    variants = keyword_variants(case, search, random.Random(0), 2)
+    assert len(variants) == 2 and len({v.query for v in variants}) == 2
+    for v in variants:
+        assert "ABS light" in v.query and v.query != case.query
+        assert v.arguments == case.arguments and v.synthetic and v.answer is None
+
+    # Only tools with exactly one keyword-compared argument: others have no search phrase to ask for.
+    calculator = ToolSpec(
+        name="calculator",
+        description="arithmetic",
+        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+        argument_match={"expression": "expression"},
+    )
+    assert keyword_variants(ToolCase("calculator", "2 + 2?", {"expression": "2 + 2"}), calculator, random.Random(0), 2) == []
+
+
+def test_numeric_variants_write_large_numbers_with_and_without_separators() -> None:
+    import random
+
+    from baking.data import ToolCase, numeric_variants
+    from baking.spec import ToolSpec
+    from baking.toolcalls import safe_eval_arithmetic
+
+    calculator = ToolSpec(
+        name="calculator",
+        description="arithmetic",
+        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+        argument_match={"expression": "expression"},
+    )
+    case = ToolCase("calculator", "We used 1340 L of a 1600 L budget, what percent?", {"expression": "1340 / 1600 * 100"})
+    variants = numeric_variants(case, calculator, random.Random(0), 24)
+    separated = [bool(re.search(r"\d,\d{3}", v.query)) for v in variants]
+    assert any(separated) and not all(separated)
+    for v in variants:
+        used, budget = (float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", v.query))
+        assert "," not in v.arguments["expression"]
+        assert safe_eval_arithmetic(v.arguments["expression"]) == pytest.approx(used / budget * 100)
 
 
 def test_numeric_variants_redraw_the_users_numbers_and_keep_the_constants() -> None:
