@@ -296,6 +296,40 @@ def accuracy_retention(metrics: Mapping[str, Any], reference: Mapping[str, Any],
     return min(ratios) if ratios else None
 
 
+# evaluate() may also return, under this key, each case's outcome per accuracy key
+# ({"tool_call_accuracy": [True, False, ...], ...}, the same cases in the same order on every
+# call); the search then records what each candidate lost and gained case by case.
+CASES_KEY = "cases"
+
+
+def paired_changes(
+    cases: Mapping[str, Sequence[bool]] | None,
+    reference: Mapping[str, Sequence[bool]] | None,
+    keys: Sequence[str],
+) -> dict[str, dict[str, Any]]:
+    """Per accuracy key: the cases the uncompressed model got right and the candidate lost, the
+    ones it gained, and `one_case`, how far a single case moves the retention ratio there.
+
+    A ratio of two accuracies on a few dozen cases hides whether a candidate lost three cases
+    and gained two or lost one; and where `one_case` exceeds 1 - target, the slice cannot tell a
+    lossless candidate from one that flipped a single case: both facts belong in the record.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key in keys:
+        ref, got = (reference or {}).get(key), (cases or {}).get(key)
+        if not ref or not got or len(ref) != len(got):
+            continue
+        right = sum(bool(r) for r in ref)
+        out[key] = {
+            "cases": len(ref),
+            "reference_correct": right,
+            "lost": sum(bool(r) and not bool(g) for r, g in zip(ref, got, strict=True)),
+            "gained": sum(bool(g) and not bool(r) for r, g in zip(ref, got, strict=True)),
+            "one_case": round(1 / right, 4) if right else None,
+        }
+    return out
+
+
 def search(
     model: Any,
     config: SearchConfig,
@@ -321,6 +355,7 @@ def search(
     if not candidates:
         raise ValueError(f"every candidate needs calibration sequences: {skipped}")
     ref = dict(reference) if reference is not None else dict(evaluate(model))
+    ref_cases = ref.pop(CASES_KEY, None)
     trials: list[Trial] = []
     final: Any = None
     scheme: dict[str, Any] = {}
@@ -328,6 +363,9 @@ def search(
         started = time.monotonic()
         final, scheme = compress(model, candidate, device, calibration=calibration)
         metrics = dict(evaluate(final))
+        paired = paired_changes(metrics.pop(CASES_KEY, None), ref_cases, config.accuracy_keys)
+        if paired:
+            metrics["paired"] = paired
         retention = accuracy_retention(metrics, ref, config.accuracy_keys)
         met = retention is not None and retention >= config.accuracy_retention
         trial = Trial(candidate.name, _json_safe(scheme), metrics, retention, met, round(time.monotonic() - started, 3))
@@ -351,11 +389,28 @@ def search(
         "trials": [_json_safe(asdict(t)) for t in trials],
         "skipped_without_calibration": skipped,
     }
+    notes = []
     if not met:
-        record["note"] = (
+        notes.append(
             f"no candidate kept accuracy_retention >= {config.accuracy_retention} "
             f"(best {best}); kept the least aggressive, {trials[-1].candidate}"
         )
+    coarse = {
+        key: p["one_case"]
+        for key, p in trials[-1].metrics.get("paired", {}).items()
+        if p["one_case"] is not None and p["one_case"] > 1 - config.accuracy_retention
+    }
+    if coarse:
+        # Said plainly, because it decides how to read a failed search: on this slice any one
+        # flipped case fails the target, a bf16 rounding difference included.
+        record["resolution"] = coarse
+        notes.append(
+            "the calibration slice is coarser than the target: one case moves retention by "
+            + ", ".join(f"{v:.3f} ({k})" for k, v in coarse.items())
+            + f" against an allowed loss of {1 - config.accuracy_retention:.3f}"
+        )
+    if notes:
+        record["note"] = "; ".join(notes)
     return SearchResult(final, {**scheme, "search": record}, met, failed, trials, ref)
 
 

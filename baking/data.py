@@ -418,7 +418,9 @@ def keyword_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
     if not phrase:
         return []
     templates = rng.sample(_KEYWORD_TEMPLATES, k=min(count, len(_KEYWORD_TEMPLATES)))
-    return [ToolCase(case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True) for template in templates]
+    return [
+        ToolCase(case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True) for template in templates
+    ]
 
 
 def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[ToolCase]:

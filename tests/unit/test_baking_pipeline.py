@@ -159,3 +159,12 @@ def test_cancel_between_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BakeCancelled):
         bake({"model": f"file://{tiny_model_dir}"}, tmp_path / "w", models_dir=tmp_path, should_cancel=lambda: True)
     assert not (tmp_path / "w" / "artifact").exists()
+
+
+def test_calibration_slice_takes_each_tool_in_turn() -> None:
+    from baking.data import ToolCase
+    from baking.pipeline import calibration_slice
+
+    cases = [ToolCase("a", f"a{i}", {}) for i in range(6)] + [ToolCase("b", "b0", {}), ToolCase("c", "c0", {})]
+    assert [c.query for c in calibration_slice(cases, 5)] == ["a0", "b0", "c0", "a1", "a2"]
+    assert len(calibration_slice(cases, 100)) == len(cases)

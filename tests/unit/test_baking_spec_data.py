@@ -132,7 +132,9 @@ def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
         },
         argument_match={"query": "keywords"},
     )
-    case = ToolCase("search_manual", "What does the ABS warning light mean?", {"query": "ABS light", "section": "brakes"})
+    case = ToolCase(
+        "search_manual", "What does the ABS warning light mean?", {"query": "ABS light", "section": "brakes"}
+    )
     variants = keyword_variants(case, search, random.Random(0), 2)
     assert len(variants) == 2 and len({v.query for v in variants}) == 2
     for v in variants:
@@ -146,7 +148,10 @@ def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
         parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
         argument_match={"expression": "expression"},
     )
-    assert keyword_variants(ToolCase("calculator", "2 + 2?", {"expression": "2 + 2"}), calculator, random.Random(0), 2) == []
+    assert (
+        keyword_variants(ToolCase("calculator", "2 + 2?", {"expression": "2 + 2"}), calculator, random.Random(0), 2)
+        == []
+    )
 
 
 def test_numeric_variants_write_large_numbers_with_and_without_separators() -> None:
@@ -162,7 +167,9 @@ def test_numeric_variants_write_large_numbers_with_and_without_separators() -> N
         parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
         argument_match={"expression": "expression"},
     )
-    case = ToolCase("calculator", "We used 1340 L of a 1600 L budget, what percent?", {"expression": "1340 / 1600 * 100"})
+    case = ToolCase(
+        "calculator", "We used 1340 L of a 1600 L budget, what percent?", {"expression": "1340 / 1600 * 100"}
+    )
     variants = numeric_variants(case, calculator, random.Random(0), 24)
     separated = [bool(re.search(r"\d,\d{3}", v.query)) for v in variants]
     assert any(separated) and not all(separated)

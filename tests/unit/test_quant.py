@@ -210,6 +210,15 @@ def test_load_artifact_runs_the_same_compressed_model(tiny: tuple, tmp_path: Pat
 # ---------------------------------------------------------------- search
 
 
+def _scheme_name(model: nn.Module) -> str:
+    kinds = {type(m).__name__ for m in model.modules()}
+    if "Int4WeightOnlyLinear" in kinds:
+        return "int4"
+    if "Int8WeightOnlyLinear" in kinds:
+        return "int8"
+    return "bf16" if model.model.embed_tokens.weight.dtype == torch.bfloat16 else "none"
+
+
 class _FakeEval:
     """Accuracy by scheme name, and every model it saw."""
 
@@ -218,16 +227,7 @@ class _FakeEval:
         self.seen: list[str] = []
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
-        kinds = {type(m).__name__ for m in model.modules()}
-        name = (
-            "int4"
-            if "Int4WeightOnlyLinear" in kinds
-            else "int8"
-            if "Int8WeightOnlyLinear" in kinds
-            else "bf16"
-            if model.model.embed_tokens.weight.dtype == torch.bfloat16
-            else "none"
-        )
+        name = _scheme_name(model)
         self.seen.append(name)
         return {"tool_call_accuracy": self.by_scheme[name], "irrelevance_accuracy": 1.0, "top1_agreement": 0.9}
 
@@ -346,3 +346,37 @@ def test_mixed_int4_keeps_the_named_projections_in_int8(tiny: tuple) -> None:
         "int8": 6,
         "int4": 8,
     }
+
+
+def test_search_records_the_cases_each_candidate_lost_and_gained(tiny: tuple) -> None:
+    """Per-case outcomes turn a ratio into what happened: int4 lost two of the reference's eight
+    right cases and gained one; and a slice where one case is 12.5% is named as too coarse."""
+    from baking.compress import CASES_KEY
+
+    reference = [True] * 8 + [False] * 2
+    by_scheme = {
+        "int4": [False, False] + [True] * 6 + [True, False],  # lost 2, gained 1: 7/8 = 0.875
+        "int8": reference,
+        "bf16": reference,
+    }
+
+    def evaluate(model: nn.Module) -> dict:
+        name = _scheme_name(model)
+        outcome = reference if name == "none" else by_scheme[name]
+        return {"tool_call_accuracy": sum(outcome) / len(outcome), CASES_KEY: {"tool_call_accuracy": outcome}}
+
+    result = search(tiny[0], SearchConfig(accuracy_retention=0.99, candidates=NEAREST), device=CPU, evaluate=evaluate)
+    first = result.trials[0].metrics
+    assert CASES_KEY not in first  # the raw outcomes are not copied into every event
+    assert first["paired"]["tool_call_accuracy"] == {
+        "cases": 10,
+        "reference_correct": 8,
+        "lost": 2,
+        "gained": 1,
+        "one_case": 0.125,
+    }
+    assert result.trials[0].accuracy_retention == pytest.approx(0.875)
+    assert result.met and result.trials[-1].metrics["paired"]["tool_call_accuracy"]["lost"] == 0
+    record = result.scheme["search"]
+    assert record["resolution"] == {"tool_call_accuracy": 0.125}
+    assert "coarser than the target" in record["note"]
