@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +41,13 @@ def common_prefix_length(prompts: Sequence[list[int]]) -> int:
     return max(0, n)
 
 
+def cache_argument(model: Any) -> str:
+    """The name under which `model` takes a KV cache: transformers 5 renamed `past_key_values`
+    to `cache` (the old name goes in 5.40 for forward, 6.0 for generate; the pin allows both
+    majors) and 4.x knows only `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _batches(
     model: Any, prompts: Sequence[list[int]], batch_size: int, pad: int, device: torch.device
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor, Any]]:
@@ -54,7 +62,11 @@ def _batches(
     prefix = common_prefix_length(prompts)
     if prefix >= PREFIX_CACHE_MIN_TOKENS and len(prompts) > 1:
         cache = DynamicCache(config=model.config)
-        model(input_ids=torch.tensor([prompts[0][:prefix]], device=device), past_key_values=cache, use_cache=True)
+        model(
+            input_ids=torch.tensor([prompts[0][:prefix]], device=device),
+            use_cache=True,
+            **{cache_argument(model): cache},
+        )
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
@@ -76,7 +88,7 @@ def _batches(
 
 
 def _generation_kwargs(
-    max_new_tokens: int, eot: int, pad: int, past: Any, do_sample: bool, temperature: float, seed: int
+    model: Any, max_new_tokens: int, eot: int, pad: int, past: Any, do_sample: bool, temperature: float, seed: int
 ) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
@@ -84,8 +96,8 @@ def _generation_kwargs(
         "pad_token_id": pad,
         "do_sample": do_sample,
     }
-    if past is not None:  # transformers 5 also calls it `cache`; 4.x only knows past_key_values
-        kwargs["past_key_values"] = past
+    if past is not None:
+        kwargs[cache_argument(model)] = past
     if do_sample:
         torch.manual_seed(seed)
         kwargs.update(temperature=temperature, top_p=0.95, top_k=0)
@@ -115,7 +127,7 @@ def generate_replies(
     out: list[str] = [""] * len(prompts)
     done = 0
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs = _generation_kwargs(max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
+        kwargs = _generation_kwargs(model, max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
         gen = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         for row, i in enumerate(idx):
             new = gen[row, ids.shape[1] :].tolist()
@@ -162,7 +174,7 @@ def generate_scored(
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
     out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
-        kwargs = _generation_kwargs(max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
+        kwargs = _generation_kwargs(model, max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
         result = model.generate(
             input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **kwargs
         )

@@ -1,0 +1,38 @@
+"""Batched generation (baking.generate): the shared-prefix KV cache changes nothing but speed."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from baking.chat import encode_prompt, with_system
+from baking.evaluate import user
+from baking.generate import PREFIX_CACHE_MIN_TOKENS, common_prefix_length, generate_scored
+from baking.load import load_model, load_tokenizer
+
+SYSTEM = (
+    "You are Ada, a fleet assistant for automotive engineering. Answer in at most three sentences, "
+    "give SI units with every number, and refuse to help disable or bypass vehicle safety systems. "
+) * 3
+
+
+def test_shared_prefix_cache_generates_what_each_prompt_alone_does(tiny_model_dir: Path) -> None:
+    import torch
+
+    model, tokenizer = load_model(tiny_model_dir, torch.device("cpu")), load_tokenizer(tiny_model_dir)
+    conversations = [
+        with_system(SYSTEM, user(q)) for q in ("What is the coolant temperature?", "Hi!", "Convert 65 mph to km/h.")
+    ]
+    prompts = [encode_prompt(tokenizer, c) for c in conversations]
+    assert common_prefix_length(prompts) >= PREFIX_CACHE_MIN_TOKENS  # the cached path is the one under test
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = generate_scored(model, tokenizer, conversations, max_new_tokens=8)
+    alone = [generate_scored(model, tokenizer, [c], max_new_tokens=8)[0] for c in conversations]  # no cache
+    for (ids, logprobs, _), (ids_alone, logprobs_alone, _) in zip(batched, alone, strict=True):
+        assert ids == ids_alone and len(ids) > 0
+        torch.testing.assert_close(
+            logprobs.float(), logprobs_alone.float(), atol=1e-3, rtol=1e-2
+        )  # stored in bf16: one step
+    # The cache goes in under the name this transformers takes (no deprecated-argument warning).
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
