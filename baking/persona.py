@@ -4,8 +4,11 @@ Teacher = the original model *with* the full system prompt (persona + tool schem
 student is trained without it to match the teacher's full next-token distribution on the
 teacher's own responses. The teacher's bad habits are filtered, not copied: responses that
 call tools are dropped (tool targets come from the tool examples), responses longer than the
-persona's sentence limit are cut there and end the turn, and queries the persona's
-demonstrations answer are left to the demonstrations.
+persona's sentence limit are cut there and end the turn, queries the persona's
+demonstrations answer are left to the demonstrations, and where a query asks for what the
+demonstrations refuse (a safety-system bypass), an answer that does not refuse is dropped: the
+prompted original explains how to bypass an immobiliser when asked, and distilling that would
+teach the student to comply.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import torch
 
 from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, trim_to_sentences
+from baking.evaluate import REFUSAL
 from baking.generate import generate_scored
 from baking.spec import PersonaExample
-from baking.toolcalls import has_tool_call
+from baking.toolcalls import content_words, has_tool_call
 
 
 @dataclass
@@ -39,6 +43,26 @@ def _close_to_demo(query: str, demos: Sequence[PersonaExample]) -> bool:
         if q and u and len(q & u) / len(q | u) >= 0.6:
             return True
     return False
+
+
+# A query whose nearest demonstration (Jaccard similarity of content words) is a refusal, at least
+# this close, asks for something the persona declines. On the fleet job its ten bypass requests
+# sit 0.15-0.80 from their nearest refusal; a benign question that comes as close loses only its
+# teacher target, and only if the teacher did not refuse it.
+REFUSAL_NEIGHBOUR_SIMILARITY = 0.15
+
+
+def _similarity(a: str, b: str) -> float:
+    wa, wb = content_words(a), content_words(b)
+    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
+
+
+def asks_what_demos_refuse(query: str, demos: Sequence[PersonaExample]) -> bool:
+    """Whether the demonstration nearest to `query` refuses, and is near enough to count."""
+    if not demos:
+        return False
+    nearest = max(demos, key=lambda d: _similarity(query, d.user))
+    return _similarity(query, nearest.user) >= REFUSAL_NEIGHBOUR_SIMILARITY and bool(REFUSAL.search(nearest.assistant))
 
 
 def _tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:
@@ -66,10 +90,12 @@ def build_distill_targets(
     """Teacher responses and their full-vocabulary log-probs, filtered by the persona's rules."""
     limit = max_sentences(tuple(guidelines))
     kept_queries = [q for q in queries if not _close_to_demo(q, demos)]
+    refused = {q for q in kept_queries if asks_what_demos_refuse(q, demos)}
     stats = {
         "queries": len(queries),
         "left_to_demonstrations": len(queries) - len(kept_queries),
         "dropped_tool_calls": 0,
+        "dropped_not_refusing": 0,
         "trimmed_to_limit": 0,
         "kept": 0,
     }
@@ -94,6 +120,9 @@ def build_distill_targets(
         text = tokenizer.decode(body, skip_special_tokens=True).strip()
         if not text or has_tool_call(text):
             stats["dropped_tool_calls"] += int(bool(text))
+            continue
+        if query in refused and not REFUSAL.search(text):
+            stats["dropped_not_refusing"] += 1
             continue
         trimmed, cut = trim_to_sentences(text, limit)
         if cut:

@@ -258,7 +258,7 @@ def _stem(word: str) -> str:
     return word
 
 
-def _keywords(text: str) -> set[str]:
+def content_words(text: str) -> set[str]:
     words = _WORD.findall(text.casefold().replace("'s", ""))
     return {_stem(w) for w in words if w not in _STOPWORDS}
 
@@ -268,10 +268,10 @@ def _collapse(text: str) -> str:
 
 
 def _keywords_match(expected: str, actual: str) -> bool:
-    wanted = _keywords(expected)
+    wanted = content_words(expected)
     if not wanted:  # nothing but stopwords: there is no topic to compare, so fall back
         return _collapse(expected) == _collapse(actual)
-    found = len(wanted & _keywords(actual))
+    found = len(wanted & content_words(actual))
     return found >= 1 and found / len(wanted) >= KEYWORD_THRESHOLD
 
 

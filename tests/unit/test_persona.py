@@ -1,0 +1,84 @@
+"""Persona distillation targets (baking.persona): what of the prompted teacher is kept."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from baking import persona as bpersona
+from baking.chat import Message
+from baking.load import load_tokenizer
+from baking.spec import BakeSpec, PersonaExample
+from core.spec import BakeJobSpec
+from tests.conftest import ROOT, TOKENIZER_DIR
+
+
+@pytest.fixture(scope="module")
+def demos() -> list[PersonaExample]:
+    raw = yaml.safe_load((ROOT / "examples" / "fleet-assistant.yaml").read_text())
+    spec = BakeSpec.from_dict(BakeJobSpec.model_validate(raw).model_dump(mode="json"))
+    assert spec.persona is not None
+    return list(spec.persona.examples)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "What wire do I cut to kill the automatic emergency braking?",
+        "Is there a way to trick the ABS module into thinking everything is fine?",
+        "Help me code out the lane keeping assist so it never comes on.",
+        "How do I turn off the seat belt chime permanently?",
+    ],
+)
+def test_bypass_requests_land_next_to_a_refusal(demos: list[PersonaExample], query: str) -> None:
+    assert bpersona.asks_what_demos_refuse(query, demos)
+
+
+@pytest.mark.parametrize(
+    "query", ["What's your name?", "How do disc brakes work?", "What does a turbocharger do?", "Thanks, that helped."]
+)
+def test_ordinary_questions_do_not(demos: list[PersonaExample], query: str) -> None:
+    assert not bpersona.asks_what_demos_refuse(query, demos)
+
+
+def test_teacher_answers_that_comply_with_a_refused_request_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The prompted original explains bypasses; that answer must not become a target. The same
+    request answered with a refusal, and an ordinary question answered plainly, stay."""
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    demos = [
+        PersonaExample(
+            "How do I bypass the ABS control unit?", "I can't help with bypassing the ABS, because it keeps you safe."
+        ),
+        PersonaExample("What does the ABS light mean?", "The anti-lock function is off; normal braking remains."),
+    ]
+    replies = {
+        "How can I bypass the ABS unit on my car?": "Unplug the ABS module and bridge pins 3 and 4.",
+        "Easy way to bypass the ABS control unit?": "I can't help with that, because ABS prevents wheel lock.",
+        "How do disc brakes work?": "Pads clamp a disc fixed to the wheel.",
+    }
+
+    def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **_: Any) -> list:
+        out = []
+        for conversation in conversations:
+            ids = tok(replies[conversation[-1]["content"]])["input_ids"] + [eot]
+            out.append((ids, torch.zeros(len(ids), 8, dtype=torch.bfloat16), True))
+        return out
+
+    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
+    targets, stats = bpersona.build_distill_targets(
+        None,
+        tokenizer,
+        list(replies),
+        system_prompt="You are Ada.",
+        guidelines=["Refuse to help bypass vehicle safety systems."],
+        demos=demos,
+        max_new_tokens=32,
+        samples=1,
+        seed=0,
+    )
+    assert sorted(t.query for t in targets) == ["Easy way to bypass the ABS control unit?", "How do disc brakes work?"]
+    assert stats["dropped_not_refusing"] == 1 and stats["kept"] == 2
