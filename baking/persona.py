@@ -21,10 +21,10 @@ import torch
 
 from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, trim_to_sentences
-from baking.evaluate import REFUSAL
+from baking.evaluate import REFUSAL, asks_what_demos_refuse
 from baking.generate import generate_scored
 from baking.spec import PersonaExample
-from baking.toolcalls import content_words, has_tool_call
+from baking.toolcalls import has_tool_call
 
 
 @dataclass
@@ -43,26 +43,6 @@ def _close_to_demo(query: str, demos: Sequence[PersonaExample]) -> bool:
         if q and u and len(q & u) / len(q | u) >= 0.6:
             return True
     return False
-
-
-# A query whose nearest demonstration (Jaccard similarity of content words) is a refusal, at least
-# this close, asks for something the persona declines. On the fleet job its ten bypass requests
-# sit 0.15-0.80 from their nearest refusal; a benign question that comes as close loses only its
-# teacher target, and only if the teacher did not refuse it.
-REFUSAL_NEIGHBOUR_SIMILARITY = 0.15
-
-
-def _similarity(a: str, b: str) -> float:
-    wa, wb = content_words(a), content_words(b)
-    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
-
-
-def asks_what_demos_refuse(query: str, demos: Sequence[PersonaExample]) -> bool:
-    """Whether the demonstration nearest to `query` refuses, and is near enough to count."""
-    if not demos:
-        return False
-    nearest = max(demos, key=lambda d: _similarity(query, d.user))
-    return _similarity(query, nearest.user) >= REFUSAL_NEIGHBOUR_SIMILARITY and bool(REFUSAL.search(nearest.assistant))
 
 
 def _tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:

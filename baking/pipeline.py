@@ -495,11 +495,18 @@ def _validate(
                         queries,
                         system_prompt=system_prompt,
                         max_new_tokens=preset.max_new_tokens,
+                        demos=split.train_persona_examples,
                     ).items()
                     if k != "tokens"
                 }
             )
-            probes = guideline_probes(persona, split.heldout_persona_examples, queries, split.training_texts())
+            probes = guideline_probes(
+                persona,
+                split.heldout_persona_examples,
+                queries,
+                split.training_texts(),
+                demos=split.train_persona_examples,
+            )
             baked_probes = run_probes(final, tokenizer, probes, persona)
             base_probes = run_probes(original, tokenizer, probes, persona, system=system_prompt)
             metrics["guideline_pass_rate"] = baked_probes["pass_rate"]
