@@ -42,8 +42,8 @@ def asks_what_demos_refuse(query: str, demos: Sequence[PersonaExample]) -> bool:
     """Whether the demonstration nearest to `query` refuses, and is near enough to count."""
     if not demos:
         return False
-    nearest = max(demos, key=lambda d: _similarity(query, d.user))
-    return _similarity(query, nearest.user) >= REFUSAL_NEIGHBOUR_SIMILARITY and bool(REFUSAL.search(nearest.assistant))
+    similarity, nearest = max(((_similarity(query, d.user), d) for d in demos), key=lambda pair: pair[0])
+    return similarity >= REFUSAL_NEIGHBOUR_SIMILARITY and bool(REFUSAL.search(nearest.assistant))
 
 
 @dataclass

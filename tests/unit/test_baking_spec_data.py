@@ -20,10 +20,20 @@ from baking.data import (
     text_hash,
     trim_to_sentences,
 )
-from baking.spec import BakeSpec
+from baking.spec import BakeSpec, ToolSpec
 from core.spec import BakeJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _calculator() -> ToolSpec:
+    """A one-argument arithmetic tool whose expression is compared by value."""
+    return ToolSpec(
+        name="calculator",
+        description="arithmetic",
+        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
+        argument_match={"expression": "expression"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +130,6 @@ def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
     import random
 
     from baking.data import ToolCase, keyword_variants
-    from baking.spec import ToolSpec
 
     search = ToolSpec(
         name="search_manual",
@@ -142,12 +151,7 @@ def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
         assert v.arguments == case.arguments and v.synthetic and v.answer is None
 
     # Only tools with exactly one keyword-compared argument: others have no search phrase to ask for.
-    calculator = ToolSpec(
-        name="calculator",
-        description="arithmetic",
-        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
-        argument_match={"expression": "expression"},
-    )
+    calculator = _calculator()
     assert (
         keyword_variants(ToolCase("calculator", "2 + 2?", {"expression": "2 + 2"}), calculator, random.Random(0), 2)
         == []
@@ -158,15 +162,9 @@ def test_numeric_variants_write_large_numbers_with_and_without_separators() -> N
     import random
 
     from baking.data import ToolCase, numeric_variants
-    from baking.spec import ToolSpec
     from baking.toolcalls import safe_eval_arithmetic
 
-    calculator = ToolSpec(
-        name="calculator",
-        description="arithmetic",
-        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
-        argument_match={"expression": "expression"},
-    )
+    calculator = _calculator()
     case = ToolCase(
         "calculator", "We used 1340 L of a 1600 L budget, what percent?", {"expression": "1340 / 1600 * 100"}
     )
@@ -183,15 +181,9 @@ def test_numeric_variants_redraw_the_users_numbers_and_keep_the_constants() -> N
     import random
 
     from baking.data import ToolCase, numeric_variants
-    from baking.spec import ToolSpec
     from baking.toolcalls import safe_eval_arithmetic
 
-    calculator = ToolSpec(
-        name="calculator",
-        description="arithmetic",
-        parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
-        argument_match={"expression": "expression"},
-    )
+    calculator = _calculator()
     case = ToolCase("calculator", "The van shows 28,500 miles; convert that to km.", {"expression": "28500 * 1.609344"})
     variants = numeric_variants(case, calculator, random.Random(0), 5)
     assert len(variants) == 5
