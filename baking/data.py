@@ -212,26 +212,34 @@ _ARITHMETIC_TEMPLATES = (
 )
 
 # Unit conversions with their standard factors (exact by definition where one exists), each in
-# two phrasings: the calculator cannot look a factor up, so a call must carry it.
+# two phrasings and both directions: the calculator cannot look a factor up, so a call must carry
+# it, and which way the factor goes is what a small model gets wrong (a bake wrote `27.8 / 3.6`
+# for m/s -> km/h): every pair appears both ways so the unit order, not the factor, decides.
 _CONVERSIONS = (
     (("Convert {a} miles to km.", "How many kilometres is {a} miles?"), "{a} * 1.609344"),
     (("{a} km in miles?", "Convert {a} kilometres to miles"), "{a} / 1.609344"),
     (("Convert {a} mph to km/h.", "{a} miles per hour in km/h?"), "{a} * 1.609344"),
+    (("{a} km/h in mph?", "Convert {a} km/h to miles per hour."), "{a} / 1.609344"),
     (("{a} lbs in kg?", "How many kilograms is {a} pounds?"), "{a} * 0.45359237"),
     (("Convert {a} kg to pounds.", "{a} kilograms in lb?"), "{a} / 0.45359237"),
     (("{a} inches in mm?", "Convert {a} in to millimetres"), "{a} * 25.4"),
     (("Convert {a} mm to inches.", "how many inches is {a} mm"), "{a} / 25.4"),
     (("{a} feet in metres?", "Convert {a} ft to m."), "{a} * 0.3048"),
+    (("{a} metres in feet?", "Convert {a} m to ft."), "{a} / 0.3048"),
     (("How many litres is {a} US gallons?", "Convert {a} gallons to litres."), "{a} * 3.785411784"),
+    (("How many US gallons is {a} litres?", "Convert {a} litres to gallons."), "{a} / 3.785411784"),
     (("{a} °F in Celsius?", "Convert {a} Fahrenheit to Celsius."), "({a} - 32) * 5 / 9"),
     (("{a} °C in Fahrenheit?", "Convert {a} degrees Celsius to Fahrenheit."), "{a} * 9 / 5 + 32"),
     (("{a} °C in kelvin?", "Convert {a} C to K."), "{a} + 273.15"),
+    (("{a} K in °C?", "Convert {a} kelvin to Celsius."), "{a} - 273.15"),
     (("Convert {a} psi to kPa.", "{a} psi is how many kPa?"), "{a} * 6.894757"),
     (("{a} kPa in psi?", "Convert {a} kPa to psi."), "{a} / 6.894757"),
     (("{a} bar in kPa?", "Convert {a} bar to kilopascals."), "{a} * 100"),
+    (("{a} kPa in bar?", "Convert {a} kilopascals to bar."), "{a} / 100"),
     (("Convert {a} hp to kW.", "{a} horsepower in kilowatts?"), "{a} * 0.7457"),
     (("{a} kW in hp?", "Convert {a} kilowatts to horsepower."), "{a} / 0.7457"),
     (("Convert {a} lb-ft to N·m.", "{a} foot-pounds of torque in newton metres?"), "{a} * 1.3558179483"),
+    (("{a} N·m in lb-ft?", "Convert {a} newton metres of torque to foot-pounds."), "{a} / 1.3558179483"),
     (("{a} m/s in km/h?", "Convert {a} metres per second to km/h."), "{a} * 3.6"),
     (("Convert {a} km/h to m/s.", "{a} km/h in metres per second?"), "{a} / 3.6"),
 )

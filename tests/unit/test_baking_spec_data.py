@@ -126,6 +126,16 @@ def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None
     assert arithmetic_variants(by_name["get_vehicle_signal"], random.Random(0)) == []
 
 
+def test_each_unit_conversion_is_taught_in_both_directions() -> None:
+    from baking.data import _CONVERSIONS
+
+    inverse = {"*": "/", "/": "*", "+": "-", "-": "+"}
+    plain = {expression for _, expression in _CONVERSIONS if len(expression.split()) == 3}  # {a} op factor
+    for expression in plain:
+        operator, factor = expression.split()[1:]
+        assert f"{{a}} {inverse[operator]} {factor}" in plain, expression
+
+
 def test_keyword_variants_ask_for_the_search_phrase_and_keep_the_call() -> None:
     import random
 
