@@ -196,6 +196,7 @@ _ARITHMETIC_TEMPLATES = (
     ("Calculate {a} times {b} for me.", "{a} * {b}"),
     ("Average of {a} and {b}?", "({a} + {b}) / 2"),
     ("average of {a}, {b} and {c}", "({a} + {b} + {c}) / 3"),
+    ("Average these: {a}, {b}, {c} and {d}.", "({a} + {b} + {c} + {d}) / 4"),
     ("How much is {a} + {b} + {c}?", "{a} + {b} + {c}"),
     ("{b} less {p} percent?", "{b} * (1 - {p} / 100)"),
     ("What's {p}% off {b}?", "{b} * (1 - {p} / 100)"),
@@ -209,6 +210,9 @@ _ARITHMETIC_TEMPLATES = (
     ("How long does {b} km take at {a} km/h?", "{b} / {a}"),
     ("How far do I go in {n} minutes at {a} km/h?", "{a} * {n} / 60"),
     ("{a} L used over {b} km, how much per 100 km?", "{a} / {b} * 100"),
+    ("How far do {a} L go at {c} L per 100 km?", "{a} / {c} * 100"),
+    ("How much is left of {b} after {a}?", "{b} - {a}"),
+    ("What is {a} squared?", "{a} ** 2"),
 )
 
 # Unit conversions with their standard factors (exact by definition where one exists), each in
@@ -264,7 +268,15 @@ def _as_written(number: str, rng: random.Random) -> str:
     return f"{value:,.{_decimals(number)}f}"
 
 
-def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 2) -> list[ToolCase]:
+# Instances of each template, with fresh numbers: enough that the template's structure (which
+# number goes where, which way a factor goes) is learnt rather than its few instances; with 2, a
+# standard bake still wrote `10 / 87 * 60` for "How far do I travel in 10 minutes at 87 km/h?".
+ARITHMETIC_PER_TEMPLATE = 6
+
+
+def arithmetic_variants(
+    tool: ToolSpec, rng: random.Random, per_template: int = ARITHMETIC_PER_TEMPLATE
+) -> list[ToolCase]:
     """Plain-arithmetic calls for tools whose one required argument is compared as an expression.
 
     The user's calculator examples are domain problems; these teach the plainer skills under
@@ -283,6 +295,7 @@ def arithmetic_variants(tool: ToolSpec, rng: random.Random, per_template: int = 
                 "a": _template_number(rng, 2, 999),
                 "b": _template_number(rng, 2, 9999),
                 "c": _template_number(rng, 2, 999),
+                "d": _template_number(rng, 2, 999),
                 "n": rng.randint(2, 12),
                 "p": rng.choice((5, 10, 12, 15, 19, 20, 25, 30, 40)),
             }

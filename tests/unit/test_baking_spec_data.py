@@ -106,13 +106,13 @@ def test_perturb_keeps_words_and_sentence_rules() -> None:
 def test_arithmetic_variants_only_for_expression_tools(fleet_dict: dict) -> None:
     import random
 
-    from baking.data import _ARITHMETIC_TEMPLATES, _CONVERSIONS, arithmetic_variants
+    from baking.data import _ARITHMETIC_TEMPLATES, _CONVERSIONS, ARITHMETIC_PER_TEMPLATE, arithmetic_variants
     from baking.toolcalls import safe_eval_arithmetic
 
     spec = BakeSpec.from_dict(fleet_dict)
     by_name = {t.name: t for t in spec.tools}
     cases = arithmetic_variants(by_name["calculator"], random.Random(0))
-    assert len(cases) == 2 * (len(_ARITHMETIC_TEMPLATES) + 2 * len(_CONVERSIONS))
+    assert len(cases) == ARITHMETIC_PER_TEMPLATE * (len(_ARITHMETIC_TEMPLATES) + 2 * len(_CONVERSIONS))
     assert any(c.arguments["expression"].endswith("* 1.609344") for c in cases)  # a conversion carries its factor
     for case in cases:
         expression = case.arguments["expression"]
