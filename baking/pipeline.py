@@ -25,6 +25,7 @@ from baking.card import model_card
 from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
 from baking.compress import CASES_KEY, SearchConfig, compress, search, sparsify, with_pruning
 from baking.evaluate import (
+    REFUSAL,
     Probe,
     guideline_probes,
     irrelevance_accuracy,
@@ -310,6 +311,7 @@ CALIBRATION_IRRELEVANT = 24
 # way `validating` makes them from the held-out ones: the gate's retention is the minimum over
 # tool, irrelevance *and* guideline accuracy, so a search blind to the guidelines shipped
 # candidates that then failed it on a lost refusal.
+CALIBRATION_REFUSALS = 12  # refusing demonstrations, the written ones first (augmentation appends its variants)
 CALIBRATION_PERSONA_QUERIES = 8
 
 
@@ -323,11 +325,12 @@ def calibration_slice(cases: Sequence[bdata.ToolCase], n: int) -> list[bdata.Too
 
 
 def calibration_probes(persona: PersonaSpec, train_split: bdata.Split) -> list[Probe]:
-    """The search's guideline probes: identity, the training demonstrations that refuse, and a
+    """The search's guideline probes: identity, some training demonstrations that refuse, and a
     few training persona queries (refusal probes where the demonstrations refuse them)."""
+    refusing = [e for e in train_split.train_persona_examples if REFUSAL.search(e.assistant)]
     return guideline_probes(
         persona,
-        train_split.train_persona_examples,
+        refusing[:CALIBRATION_REFUSALS],
         train_split.train_persona_queries[:CALIBRATION_PERSONA_QUERIES],
         training_texts=(),
         demos=train_split.train_persona_examples,
