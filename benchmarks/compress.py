@@ -45,12 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from baking import quant  # noqa: E402
 from baking.chat import render_system_prompt, with_system  # noqa: E402
-from baking.compress import (  # noqa: E402
-    ALL_BUT_DOWN,  # noqa: E402
-    Candidate,
-    compress,
-    sparsify,
-)
+from baking.compress import ALL_BUT_DOWN, Candidate, compress, sparsify  # noqa: E402
 from baking.compress import MLP_PROJECTIONS as MLP  # noqa: E402
 from baking.data import split_spec  # noqa: E402
 from baking.evaluate import tool_accuracy  # noqa: E402
@@ -74,9 +69,7 @@ CANDIDATES = (
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj"), rounding="gptq"),
     # int8 but for the projections whose baked update is smallest: just past int8's 74.9%
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq"),
-    Candidate(
-        "int4", 32, lm_head="int8-tied", int8_parts=tuple(p for p in ALL_BUT_DOWN if p != "o_proj"), rounding="gptq"
-    ),
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=("q_proj", "k_proj", "v_proj", *MLP[:2]), rounding="gptq"),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),

