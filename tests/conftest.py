@@ -20,6 +20,17 @@ REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
+@pytest.fixture(scope="session")
+def fleet_dict() -> dict:
+    """The shipped example job (examples/fleet-assistant.yaml), validated and dumped as the API stores it."""
+    import yaml
+
+    from core.spec import BakeJobSpec
+
+    raw = yaml.safe_load((ROOT / "examples" / "fleet-assistant.yaml").read_text())
+    return BakeJobSpec.model_validate(raw).model_dump(mode="json")
+
+
 def service_missing(name: str, why: str) -> None:
     """Fail in CI, skip elsewhere: a missing service must never pass silently in CI."""
     message = f"{name} is not reachable: {why}"

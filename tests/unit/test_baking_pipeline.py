@@ -170,17 +170,13 @@ def test_calibration_slice_takes_each_tool_in_turn() -> None:
     assert len(calibration_slice(cases, 100)) == len(cases)
 
 
-def test_calibration_probes_measure_identity_refusals_and_brevity_on_training_material() -> None:
-    import yaml
-
+def test_calibration_probes_measure_identity_refusals_and_brevity_on_training_material(fleet_dict: dict) -> None:
     from baking.data import augment, split_spec
     from baking.evaluate import REFUSAL
     from baking.pipeline import CALIBRATION_PERSONA_QUERIES, CALIBRATION_REFUSALS, calibration_probes
     from baking.spec import BakeSpec
 
-    spec = BakeSpec.from_dict(
-        yaml.safe_load((Path(__file__).parents[2] / "examples" / "fleet-assistant.yaml").read_text())
-    )
+    spec = BakeSpec.from_dict(fleet_dict)
     split = augment(split_spec(spec), spec)  # what the search gets: demonstrations and their variants
     assert spec.persona is not None
     probes = calibration_probes(spec.persona, split)

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from baking.data import (
     LeakError,
@@ -21,7 +20,6 @@ from baking.data import (
     trim_to_sentences,
 )
 from baking.spec import BakeSpec, ToolSpec
-from core.spec import BakeJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,12 +32,6 @@ def _calculator() -> ToolSpec:
         parameters={"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]},
         argument_match={"expression": "expression"},
     )
-
-
-@pytest.fixture(scope="module")
-def fleet_dict() -> dict:
-    raw = yaml.safe_load((ROOT / "examples" / "fleet-assistant.yaml").read_text())
-    return BakeJobSpec.model_validate(raw).model_dump(mode="json")
 
 
 def test_spec_dict_round_trip(fleet_dict: dict) -> None:

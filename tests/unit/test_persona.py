@@ -6,21 +6,18 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from baking import evaluate as bevaluate
 from baking import persona as bpersona
 from baking.chat import Message
 from baking.load import load_tokenizer
 from baking.spec import BakeSpec, PersonaExample, PersonaSpec
-from core.spec import BakeJobSpec
-from tests.conftest import ROOT, TOKENIZER_DIR
+from tests.conftest import TOKENIZER_DIR
 
 
 @pytest.fixture(scope="module")
-def fleet_persona() -> PersonaSpec:
-    raw = yaml.safe_load((ROOT / "examples" / "fleet-assistant.yaml").read_text())
-    persona = BakeSpec.from_dict(BakeJobSpec.model_validate(raw).model_dump(mode="json")).persona
+def fleet_persona(fleet_dict: dict) -> PersonaSpec:
+    persona = BakeSpec.from_dict(fleet_dict).persona
     assert persona is not None
     return persona
 
