@@ -170,6 +170,24 @@ def test_calibration_slice_takes_each_tool_in_turn() -> None:
     assert len(calibration_slice(cases, 100)) == len(cases)
 
 
+def test_tool_pool_shares_follow_the_written_examples_not_augmentation(fleet_dict: dict) -> None:
+    from baking.data import augment, split_spec
+    from baking.pipeline import tool_pool_shares
+    from baking.spec import BakeSpec
+
+    spec = BakeSpec.from_dict(fleet_dict)
+    split = augment(split_spec(spec), spec)
+    shares = tool_pool_shares(split, spec.tools, 0.6)
+    assert set(shares) == {f"tools/{t.name}" for t in spec.tools}
+    assert sum(shares.values()) == pytest.approx(0.6)
+    written = {t.name: sum(c.tool == t.name and not c.synthetic for c in split.train_tools) for t in spec.tools}
+    total = {t.name: sum(c.tool == t.name for c in split.train_tools) for t in spec.tools}
+    for name in written:
+        assert shares[f"tools/{name}"] == pytest.approx(0.6 * written[name] / sum(written.values()))
+    # the calculator's arithmetic templates multiply its cases; they do not buy it the batch
+    assert shares["tools/calculator"] / 0.6 < total["calculator"] / sum(total.values())
+
+
 def test_calibration_probes_measure_identity_refusals_and_brevity_on_training_material(fleet_dict: dict) -> None:
     from baking.data import augment, split_spec
     from baking.evaluate import REFUSAL
