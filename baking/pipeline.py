@@ -224,9 +224,10 @@ def _bake(run: _Run, workdir: Path, models_dir: Path, job_id: str | None) -> Bak
 def tool_pool_shares(split: bdata.Split, tools: Sequence[ToolSpec], share: float) -> dict[str, float]:
     """The batch share of each tool's pool ("tools/NAME"), `share` in all, by the examples the
     user wrote for each tool: augmentation multiplies some tools' cases (numbers redrawn,
-    arithmetic and enum templates) far more than others', and must not starve the rest. Weighting
-    by the geometric mean of written and augmented counts instead (the calculator's share 0.22 ->
-    0.35) measured no better on the fleet job's held-out calls (README, Measured)."""
+    arithmetic and enum templates) far more than others', and must not starve the rest. A bake
+    that weighted them by the geometric mean of written and augmented counts instead (and gave
+    the tools more of the batch: the calculator's share 0.21 -> 0.35) measured no better on the
+    fleet job's held-out calls (README, Measured: bake F)."""
     written = {t.name: max(1, sum(c.tool == t.name and not c.synthetic for c in split.train_tools)) for t in tools}
     total = sum(written.values())
     return {f"tools/{name}": share * n / total for name, n in written.items()}
