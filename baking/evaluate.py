@@ -130,13 +130,24 @@ def persona_fidelity(
     refusal, is left out and counted: there the demonstrations are the target, not the teacher
     (training drops the same answers), and such queries are judged as refusal probes instead
     (`guideline_probes`). Measured otherwise, a student that rightly refuses a speed-limiter
-    removal scores as unfaithful to a teacher that explains it."""
+    removal scores as unfaithful to a teacher that explains it.
+
+    `persona_kl_unbaked` / `persona_top1_unbaked` score the teacher model itself without the
+    prompt the same way: what the student would get with no baking at all, so the figures say
+    what baking added (on SmolLM2 the unprompted original already agrees on ~85% of tokens)."""
     if not queries:
-        return {"persona_kl": None, "persona_top1": None, "tokens": 0, "persona_queries_left_to_refusals": 0}
+        return {
+            "persona_kl": None,
+            "persona_top1": None,
+            "persona_kl_unbaked": None,
+            "persona_top1_unbaked": None,
+            "tokens": 0,
+            "persona_queries_left_to_refusals": 0,
+        }
     scored = generate_scored(
         teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries], max_new_tokens=max_new_tokens
     )
-    kl_sum, agree, tokens, left_out = 0.0, 0, 0, 0
+    kl_sum, agree, unbaked_kl_sum, unbaked_agree, tokens, left_out = 0.0, 0, 0.0, 0, 0, 0
     for q, (ids, teacher_lp, _) in zip(queries, scored, strict=True):
         if not ids:
             continue
@@ -145,12 +156,17 @@ def persona_fidelity(
             continue
         t = teacher_lp.float()
         s = response_logprobs(student, tokenizer, user(q), ids).float().to(t.device)
+        u = response_logprobs(teacher, tokenizer, user(q), ids).float().to(t.device)
         kl_sum += float((t.exp() * (t - s)).sum())
         agree += int((t.argmax(-1) == s.argmax(-1)).sum())
+        unbaked_kl_sum += float((t.exp() * (t - u)).sum())
+        unbaked_agree += int((t.argmax(-1) == u.argmax(-1)).sum())
         tokens += len(ids)
     return {
         "persona_kl": kl_sum / tokens if tokens else None,
         "persona_top1": agree / tokens if tokens else None,
+        "persona_kl_unbaked": unbaked_kl_sum / tokens if tokens else None,
+        "persona_top1_unbaked": unbaked_agree / tokens if tokens else None,
         "tokens": tokens,
         "persona_queries_left_to_refusals": left_out,
     }

@@ -28,7 +28,9 @@ ROWS = [  # (metric, baseline metric, what it is)
     ("irrelevance_accuracy", "irrelevance_accuracy_baseline", "held-out irrelevant queries answered without a call"),
     ("tool_call_schema_valid", None, "emitted calls that parse and validate against the schema"),
     ("persona_kl", None, "KL(prompted original || baked, unprompted) per token"),
+    ("persona_kl_unbaked", None, "the same for the original without its prompt (no baking)"),
     ("persona_top1", None, "top-1 agreement with the prompted original"),
+    ("persona_top1_unbaked", None, "the same for the original without its prompt (no baking)"),
     ("guideline_pass_rate", "guideline_pass_rate_baseline", "own guideline probes passed"),
 ]
 PROBES = [

@@ -235,8 +235,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     for key, base, meaning in [
         ("tool_call_accuracy", "tool_call_accuracy_baseline", "right tool call, right arguments"),
         ("irrelevance_accuracy", "irrelevance_accuracy_baseline", "chit-chat answered with no call"),
-        ("persona_kl", None, "KL(prompted original ‖ baked)/token"),
-        ("persona_top1", None, "top-1 agreement with prompted original"),
+        ("persona_kl", None, f"KL(prompted ‖ baked)/token; unbaked {_num(m.get('persona_kl_unbaked'))}"),
+        ("persona_top1", None, f"top-1 vs prompted original; unbaked {_num(m.get('persona_top1_unbaked'))}"),
         ("guideline_pass_rate", "guideline_pass_rate_baseline", "persona guideline probes passed"),
     ]:
         table.add_row(key, _num(m.get(key)), _num(m.get(base)) if base else "", meaning)

@@ -161,7 +161,13 @@ def test_metrics_beat_the_prompted_baseline(baked: tuple[dict[str, Any], Observe
     job, _ = baked
     assert job["status"] == "succeeded", job["error"]
     m = job["metrics"]
-    for key in ("tool_call_accuracy", "tool_call_accuracy_baseline", "irrelevance_accuracy", "persona_top1"):
+    for key in (
+        "tool_call_accuracy",
+        "tool_call_accuracy_baseline",
+        "irrelevance_accuracy",
+        "persona_top1",
+        "persona_top1_unbaked",
+    ):
         assert isinstance(m.get(key), int | float) and 0.0 <= m[key] <= 1.0, (key, m.get(key))
     assert isinstance(m.get("persona_kl"), int | float) and math.isfinite(m["persona_kl"]) and m["persona_kl"] >= 0
     assert m["tool_call_accuracy"] > m["tool_call_accuracy_baseline"], m

@@ -108,10 +108,25 @@ def test_refused_requests_are_judged_as_refusals_not_as_fidelity_to_the_teacher(
         return out
 
     monkeypatch.setattr(bevaluate, "generate_scored", fake_generate)
-    monkeypatch.setattr(bevaluate, "response_logprobs", lambda model, tok, prompt, ids: torch.zeros(len(ids), 8))
+
+    def fake_logprobs(model: str, tok: Any, prompt: list[Message], ids: list[int]) -> torch.Tensor:
+        # the student matches the teacher's (all-zero) scores; the unprompted original prefers token 1
+        if model == "student":
+            return torch.zeros(len(ids), 8)
+        return torch.log_softmax(torch.tensor([0.0, 5.0] + [0.0] * 6), dim=-1).expand(len(ids), 8)
+
+    monkeypatch.setattr(bevaluate, "response_logprobs", fake_logprobs)
     fidelity = bevaluate.persona_fidelity(
-        None, None, tokenizer, [bypass, ordinary], system_prompt="You are Ada.", max_new_tokens=16, demos=demos
+        "teacher",
+        "student",
+        tokenizer,
+        [bypass, ordinary],
+        system_prompt="You are Ada.",
+        max_new_tokens=16,
+        demos=demos,
     )
     assert fidelity["persona_queries_left_to_refusals"] == 1
     assert fidelity["tokens"] == len(tokenizer(replies[ordinary])["input_ids"])
     assert fidelity["persona_top1"] == 1.0 and fidelity["persona_kl"] == 0.0
+    # the same teacher answers scored on the teacher model without its prompt: what baking added
+    assert fidelity["persona_top1_unbaked"] == 0.0 and fidelity["persona_kl_unbaked"] > 0.0
