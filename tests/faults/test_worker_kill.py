@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.db import get_sessionmaker
-from models import Artifact
+from models import Artifact, JobEvent
 from tests.faults.conftest import (
     FAKE_APP,
     Proc,
@@ -85,12 +85,17 @@ def test_worker_killed_on_every_attempt_fails_worker_lost(
     [doomed_job] = submit_direct(env, fake_spec(fault_slow_stage="optimizing", fault_slow_s="60"), 1)
     workers = []
     for attempt in (1, 2):
+        # Right after a re-claim the row still holds the last attempt's stage, so wait for an
+        # "optimizing" event newer than everything the earlier attempts recorded.
+        since = last_event_id(faults_db, doomed_job)
         w = celery_worker(env, name=f"doomed{attempt}", app=FAKE_APP)
         workers.append(w)
         wait_for_job(
             faults_db,
             f"attempt {attempt} in stage optimizing",
-            lambda j, w=w, a=attempt: worker_pid(j) == w.proc.pid and j.attempts == a and j.stage == "optimizing",
+            lambda j, w=w, a=attempt, since=since: (
+                worker_pid(j) == w.proc.pid and j.attempts == a and last_event_id(faults_db, j.id, "optimizing") > since
+            ),
             [doomed_job],
         )
         w.sigkill()
@@ -117,3 +122,12 @@ def test_worker_killed_on_every_attempt_fails_worker_lost(
     assert job.status == "failed" and job.attempts == 2
     assert job.error is not None and job.error["code"] == "worker_lost" and job.error["stage"] == "optimizing"
     assert not (tmp_path / "store" / "jobs" / doomed_job).exists()
+
+
+def last_event_id(db_url: str, job_id: str, stage: str | None = None) -> int:
+    """The id of the job's newest event (in `stage`, if given); 0 when there is none."""
+    with get_sessionmaker(db_url)() as s:
+        query = select(func.max(JobEvent.id)).where(JobEvent.job_id == job_id)
+        if stage is not None:
+            query = query.where(JobEvent.stage == stage)
+        return s.scalar(query) or 0
