@@ -2,10 +2,13 @@
 DESIGN.md §6 beside the baseline (the original model given the full system prompt).
 
     .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu] [--models-dir DIR]
+        [--name NAME] [--mix tools=0.5,answers=0.03,demos=0.12,distill=0.35]
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request.
-Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/.
+Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
+(bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
+run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
     parser.add_argument("--models-dir", default=None, help="where pulled models live (default: the settings')")
+    parser.add_argument("--name", default=None, help="results name (default: the profile)")
+    parser.add_argument("--mix", default=None, help="batch shares, e.g. tools=0.5,answers=0.03,demos=0.12,distill=0.35")
     args = parser.parse_args()
+    name = args.name or args.profile
+    if args.mix:
+        # A benchmark-only override: the job spec does not expose the mix to users.
+        from baking.train import TrainConfig
+
+        mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
+        if sorted(mix) != sorted(TrainConfig.default_mix()):
+            parser.error(f"--mix needs exactly {sorted(TrainConfig.default_mix())}")
+        TrainConfig.default_mix = staticmethod(lambda: dict(mix))  # type: ignore[method-assign]
     if args.models_dir:
         models_dir = Path(args.models_dir)
     else:  # the service's settings; a GPU box with only the torch stack passes --models-dir instead
@@ -67,7 +81,7 @@ def main() -> None:
     spec["optimize"] = {"quantization": "none"}  # baking quality alone; compression is benchmarks/compress.py
     if args.steps:
         spec["training"]["steps"] = args.steps
-    work = ROOT / "benchmarks" / "results" / f"bake-{args.profile}"
+    work = ROOT / "benchmarks" / "results" / f"bake-{name}"
     started = time.monotonic()
     stage_times: dict[str, float] = {}
 
@@ -81,7 +95,7 @@ def main() -> None:
     result = bake(spec, work, models_dir=models_dir, on_event=on_event)
     wall = time.monotonic() - started
     m = result.metrics
-    print(f"\nfleet-assistant, profile {args.profile}, device {args.device}, wall time {wall / 60:.1f} min")
+    print(f"\nfleet-assistant ({name}), profile {args.profile}, device {args.device}, wall time {wall / 60:.1f} min")
     print(f"{'metric':<24} {'baked (no prompt)':>18} {'original + prompt':>18}  meaning")
     for key, base, meaning in ROWS:
         print(f"{key:<24} {fmt(m.get(key)):>18} {fmt(m.get(base) if base else None):>18}  {meaning}")
@@ -119,7 +133,7 @@ def main() -> None:
         answers[q] = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"  Q: {q}\n  A: {answers[q]}")
     scalars = {k: v for k, v in m.items() if not k.endswith("samples")}
-    out = ROOT / "benchmarks" / "results" / f"bake_quality-{args.profile}.json"
+    out = ROOT / "benchmarks" / "results" / f"bake_quality-{name}.json"
     out.write_text(
         json.dumps(
             {"wall_s": wall, "stages_s": stage_times, "metrics": scalars, "merged_answers": answers},
@@ -128,7 +142,7 @@ def main() -> None:
         )
     )
     samples = {k: v for k, v in m.items() if k.endswith("samples")}
-    (out.parent / f"bake_quality-{args.profile}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
+    (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
     print(f"\nwrote {out} and the per-case samples beside it")
 
 
