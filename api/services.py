@@ -61,7 +61,13 @@ def submit_bake_job(
             return Submitted(replay.status_code, replay.body, created=False, replayed=True)
     try:
         _require_job_slot(session=session, tenant=tenant, limit=settings.max_active_jobs_per_tenant)
-        job = jobs.create_job(session=session, spec=spec, tenant=tenant, max_attempts=settings.max_attempts)
+        job = jobs.create_job(
+            session=session,
+            spec=spec,
+            tenant=tenant,
+            max_attempts=settings.max_attempts,
+            queue=settings.queue_name,
+        )
         body = BakeJobPublic.from_row(job).model_dump(mode="json")
         if idempotency_key is not None:
             idempotency.complete(

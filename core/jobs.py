@@ -57,7 +57,7 @@ def new_job_id() -> str:
     return "bj_" + uuid.uuid4().hex
 
 
-def create_job(*, session: Session, spec: BakeJobSpec, tenant: str, max_attempts: int) -> Job:
+def create_job(*, session: Session, spec: BakeJobSpec, tenant: str, max_attempts: int, queue: str) -> Job:
     job = Job(
         id=new_job_id(),
         tenant=tenant,
@@ -69,6 +69,7 @@ def create_job(*, session: Session, spec: BakeJobSpec, tenant: str, max_attempts
         job_metadata=dict(spec.metadata),
         attempts=0,
         max_attempts=max_attempts,
+        queue=queue,
         cancel_requested=False,
         artifacts=[],
     )

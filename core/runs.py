@@ -305,7 +305,12 @@ def finish_cancelled(*, session: Session, job_id: str, worker_id: str, stage: st
     return True
 
 
-def orphan_candidates(*, session: Session) -> list[tuple[str, float]]:
+def _in_queue(queue: str) -> Any:
+    # Rows from before jobs.queue existed (None) belong to whichever worker finds them.
+    return or_(Job.queue == queue, Job.queue.is_(None))
+
+
+def orphan_candidates(*, session: Session, queue: str) -> list[tuple[str, float]]:
     """Active jobs and how many seconds until their lease can be taken over (0 if already stale).
 
     A worker re-enqueues these when it starts: a broker that loses unacknowledged messages
@@ -313,21 +318,36 @@ def orphan_candidates(*, session: Session) -> list[tuple[str, float]]:
     memory) would otherwise leave the job running forever. Claims make duplicates harmless.
     """
     now = utcnow()
-    rows = session.execute(select(Job.id, Job.lease_expires_at).where(Job.status.in_(ACTIVE))).all()
+    rows = session.execute(select(Job.id, Job.lease_expires_at).where(Job.status.in_(ACTIVE), _in_queue(queue))).all()
     session.commit()
     return [(job_id, max(0.0, (exp - now).total_seconds()) if exp else 0.0) for job_id, exp in rows]
 
 
-def stale_jobs(*, session: Session) -> list[tuple[str, int]]:
+def stale_jobs(*, session: Session, queue: str) -> list[tuple[str, int]]:
     """(id, attempts) of active jobs whose lease ran out: their worker died or lost the database.
 
     Workers re-enqueue these while they run (worker.celery_app.OrphanSweeper), so a job whose
     worker was killed is taken over by a live worker after about one lease, not only when a
     worker restarts or the broker's visibility timeout (hours) redelivers the message.
     """
-    rows = session.execute(select(Job.id, Job.attempts).where(_stale(utcnow()))).all()
+    rows = session.execute(select(Job.id, Job.attempts).where(_stale(utcnow()), _in_queue(queue))).all()
     session.commit()
     return [(job_id, int(attempts)) for job_id, attempts in rows]
+
+
+def waiting_jobs(*, session: Session, queue: str, older_than_s: float) -> list[str]:
+    """Ids of this queue's jobs that are still queued (never claimed) `older_than_s` after they
+    were accepted, oldest first. If the broker's queue is empty by then, their messages are gone:
+    a broker restarted without persistence, or a worker that died holding one it had not claimed.
+    """
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    rows = session.scalars(
+        select(Job.id)
+        .where(Job.status == "queued", Job.queue == queue, Job.created_at < cutoff)
+        .order_by(Job.created_at)
+    ).all()
+    session.commit()
+    return list(rows)
 
 
 class Throttle:

@@ -23,6 +23,9 @@ class Job(Base):
     job_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # The broker queue the job was sent to: a worker's sweepers re-send only their own queue's jobs.
+    # None on rows from before migration 0002.
+    queue: Mapped[str | None] = mapped_column(String(200))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType)  # {code, message, stage}
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)

@@ -62,7 +62,7 @@ def _requeue_orphans(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     try:
         with get_sessionmaker(settings.resolved_database_url)() as session:
-            candidates = orphan_candidates(session=session)
+            candidates = orphan_candidates(session=session, queue=settings.queue_name)
     except Exception:  # a missing schema or a DB hiccup must not stop the worker from serving
         log.exception("could not look for orphaned jobs")
         return
@@ -72,18 +72,21 @@ def _requeue_orphans(sender: Any = None, **_: Any) -> None:
 
 
 class OrphanSweeper(threading.Thread):
-    """Every half lease, re-enqueue active jobs whose lease ran out, while this worker lives.
+    """Every half lease, re-enqueue this queue's jobs whose message or worker is gone.
 
-    The start-up re-enqueue above only helps when a worker (re)starts. This covers the case
-    where the worker that died is not coming back and the others keep running. Each (job,
-    attempt) is sent once, and again only after `resend_after` seconds in case that message was
-    lost too; a claim makes every duplicate a no-op.
+    Two kinds: active jobs whose lease ran out (the start-up re-enqueue above only helps when a
+    worker (re)starts; this covers a dead worker that is not coming back while the others keep
+    running), and jobs still queued a lease after they were accepted while the broker's queue is
+    empty: their message is lost (a Redis restarted without persistence, a worker that died
+    holding an unclaimed one). Each (job, attempt) is sent once, and again only after
+    `resend_after` seconds in case that message was lost too; a claim makes every duplicate a no-op.
     """
 
     def __init__(self, lease_seconds: int) -> None:
         super().__init__(name="orphan-sweeper", daemon=True)
         self.interval = max(1.0, lease_seconds / 2)
         self.resend_after = 10.0 * lease_seconds
+        self.queued_grace = float(lease_seconds)
         self._sent: dict[tuple[str, int], float] = {}
         self._stop_event = threading.Event()
 
@@ -96,20 +99,28 @@ class OrphanSweeper(threading.Thread):
 
     def sweep(self) -> list[str]:
         from core.db import get_sessionmaker
-        from core.queue import enqueue_bake
-        from core.runs import stale_jobs
+        from core.queue import enqueue_bake, pending_messages
+        from core.runs import stale_jobs, waiting_jobs
 
         settings = get_settings()
+        broker, queue = settings.resolved_broker_url, settings.queue_name
         with get_sessionmaker(settings.resolved_database_url)() as session:
-            stale = stale_jobs(session=session)
+            stale = stale_jobs(session=session, queue=queue)
+            waiting = waiting_jobs(session=session, queue=queue, older_than_s=self.queued_grace)
+        # Only an empty broker queue proves a waiting job's message is gone; while messages wait,
+        # its own may be among them. Checked after the query, so a message sent meanwhile counts.
+        lost = waiting if waiting and pending_messages(broker_url=broker, queue=queue) == 0 else []
         now = time.monotonic()
         self._sent = {k: t for k, t in self._sent.items() if now - t < self.resend_after}
         sent: list[str] = []
-        for job_id, attempts in stale:
+        for job_id, attempts, why in [
+            *((j, a, "its lease ran out") for j, a in stale),
+            *((j, 0, "its message is lost") for j in lost),
+        ]:
             if (job_id, attempts) in self._sent:
                 continue
-            log.info("re-enqueueing job %s: its lease ran out (attempt %d)", job_id, attempts)
-            enqueue_bake(broker_url=settings.resolved_broker_url, queue=settings.queue_name, job_id=job_id)
+            log.info("re-enqueueing job %s: %s (attempt %d)", job_id, why, attempts)
+            enqueue_bake(broker_url=broker, queue=queue, job_id=job_id)
             self._sent[(job_id, attempts)] = now
             sent.append(job_id)
         return sent

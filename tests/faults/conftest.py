@@ -48,12 +48,13 @@ class RedisServer:
     """redis-server on a free port with an fsync-always AOF: a Redis broker must be configured
     durable, or a crash loses queued messages (the job rows would survive, not the deliveries)."""
 
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, *, persistent: bool = True) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             service_missing("redis-server", "the binary is not installed (apt-get install redis-server)")
             raise AssertionError("unreachable")
         self.binary, self.data, self.port = binary, data, free_port()
+        self.persistent = persistent
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,7 +63,9 @@ class RedisServer:
 
     def start(self) -> None:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", "", "--protected-mode", "no"]
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        args += ["--save", "", "--protected-mode", "no"]
         with open(self.data / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: port_open("127.0.0.1", self.port, 0.2), 20, f"redis-server on {self.port}", 0.1)
@@ -84,9 +87,19 @@ class RedisServer:
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from _redis(tmp_path, persistent=True)
+
+
+@pytest.fixture
+def forgetful_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server with no persistence at all: a restart loses every queued message."""
+    yield from _redis(tmp_path, persistent=False)
+
+
+def _redis(tmp_path: Path, *, persistent: bool) -> Iterator[RedisServer]:
     data = tmp_path / "redis"
     data.mkdir()
-    server = RedisServer(data)
+    server = RedisServer(data, persistent=persistent)
     server.start()
     try:
         yield server
@@ -195,7 +208,13 @@ def submit_direct(env: dict[str, str], spec: dict[str, Any], n: int) -> list[str
     ids = []
     with get_sessionmaker(env["BAKEHOUSE_DATABASE_URL"])() as s:
         for _ in range(n):
-            job = create_job(session=s, spec=BakeJobSpec.model_validate(spec), tenant=TENANT, max_attempts=3)
+            job = create_job(
+                session=s,
+                spec=BakeJobSpec.model_validate(spec),
+                tenant=TENANT,
+                max_attempts=3,
+                queue=env["BAKEHOUSE_QUEUE_NAME"],
+            )
             s.commit()
             ids.append(job.id)
     for job_id in ids:

@@ -1,7 +1,8 @@
 """SIGKILL the broker (a private redis-server with an fsync-always AOF) while jobs run, start it
 again on the same port: running jobs finish, queued ones are still delivered, a job submitted
 during the outage is refused with 503 and recorded as failed (the client is told; nothing is
-silently lost), and submissions after the restart run.
+silently lost), and submissions after the restart run. Then the same with a Redis that keeps
+nothing: the jobs it forgot are sent again by the workers' sweepers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from core.queue import pending_messages
 from tests.faults.conftest import (
     FAKE_APP,
     Proc,
@@ -22,6 +24,7 @@ from tests.faults.conftest import (
     fault_env,
     jobs_by_id,
     report,
+    submit_direct,
     tally,
     wait_for_job,
     wait_terminal,
@@ -87,3 +90,37 @@ def test_redis_killed_and_restarted_while_jobs_run(
     assert t.logged_successes == 8
     assert refused_row.status == "failed" and refused_row.error is not None
     assert refused_row.error["code"] == "queue_unavailable"
+
+
+def test_queued_jobs_outlive_a_redis_restart_that_forgets_them(
+    faults_db: str, forgetful_redis: RedisServer, celery_worker: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """A Redis without persistence comes back empty: the jobs that were queued in it have rows
+    but no messages. Each worker's sweeper sends them again once the queue is empty."""
+    env = fault_env(tmp_path, faults_db, forgetful_redis.url)
+    worker = celery_worker(env, name="worker", app=FAKE_APP)
+    ids = submit_direct(env, fake_spec(fault_train_steps="10", fault_step_s="0.3"), 4)
+    wait_for_job(faults_db, "the first job in mid-training", lambda j: j.stage == "baking_tools", ids)
+    queue = env["BAKEHOUSE_QUEUE_NAME"]
+    assert pending_messages(broker_url=forgetful_redis.url, queue=queue) == 3  # one worker, one job at a time
+
+    forgetful_redis.kill()
+    forgetful_redis.start()
+    assert pending_messages(broker_url=forgetful_redis.url, queue=queue) == 0
+    wait_terminal(faults_db, ids, timeout=90)
+
+    t = tally(
+        "redis-server without persistence SIGKILL + restart (1 worker, 1 running, 3 queued)", faults_db, ids, [worker]
+    )
+    report(t)
+    counts = t.counts()
+    assert {k: counts[k] for k in ("submitted", "succeeded", "failed", "lost", "completed_twice", "stuck")} == {
+        "submitted": 4,
+        "succeeded": 4,
+        "failed": 0,
+        "lost": 0,
+        "completed_twice": 0,
+        "stuck": 0,
+    }
+    assert t.logged_successes == 4
+    assert worker.log_path.read_text().count("its message is lost") >= 3

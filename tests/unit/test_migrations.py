@@ -34,12 +34,12 @@ def _assert_head(url: str) -> None:
     assert tables == set(Base.metadata.tables) | {"alembic_version"}
 
 
-def test_single_head_named_0001_initial() -> None:
+def test_single_head_is_the_latest_revision() -> None:
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
     cfg = Config(str(ROOT / "alembic.ini"))
-    assert ScriptDirectory.from_config(cfg).get_heads() == ["0001_initial"]
+    assert ScriptDirectory.from_config(cfg).get_heads() == ["0002_job_queue"]
 
 
 def test_sqlite_upgrade_has_no_drift(tmp_path: Path) -> None:

@@ -241,6 +241,29 @@ def test_orphan_candidates_lists_active_jobs_with_wait(db_url: str) -> None:
     assert claim(db_url, live, "w1").claimed and claim(db_url, stale, "w1").claimed
     expire_lease(db_url, stale)
     with session(db_url) as s:
-        found = dict(runs.orphan_candidates(session=s))
+        found = dict(runs.orphan_candidates(session=s, queue="bake"))
     assert queued not in found
     assert found[stale] == 0.0 and 20 < found[live] <= 30
+
+
+def test_sweeper_queries_see_only_their_own_queue(db_url: str) -> None:
+    mine, theirs = f"q-{uuid.uuid4().hex[:8]}", f"q-{uuid.uuid4().hex[:8]}"
+    long_ago = utcnow() - timedelta(minutes=5)
+    old_mine, old_theirs = (
+        new_job(db_url, queue=mine, created_at=long_ago),
+        new_job(db_url, queue=theirs, created_at=long_ago),
+    )
+    fresh_mine = new_job(db_url, queue=mine)
+    stale_mine, stale_theirs = new_job(db_url, queue=mine), new_job(db_url, queue=theirs)
+    for job_id in (stale_mine, stale_theirs):
+        assert claim(db_url, job_id, "w1").claimed
+        expire_lease(db_url, job_id)
+    with session(db_url) as s:
+        # Queued a lease ago or more, in this queue only: a fresh job's message may be on its way.
+        assert runs.waiting_jobs(session=s, queue=mine, older_than_s=60) == [old_mine]
+        assert runs.waiting_jobs(session=s, queue=theirs, older_than_s=60) == [old_theirs]
+        stale = [job_id for job_id, _ in runs.stale_jobs(session=s, queue=mine)]
+        candidates = dict(runs.orphan_candidates(session=s, queue=mine))
+    assert stale_mine in stale and stale_theirs not in stale
+    assert stale_mine in candidates and stale_theirs not in candidates
+    assert fresh_mine not in candidates  # queued jobs are not orphans: nobody claimed them
