@@ -107,8 +107,9 @@ class OrphanSweeper(threading.Thread):
         with get_sessionmaker(settings.resolved_database_url)() as session:
             stale = stale_jobs(session=session, queue=queue)
             waiting = waiting_jobs(session=session, queue=queue, older_than_s=self.queued_grace)
-        # Only an empty broker queue proves a waiting job's message is gone; while messages wait,
-        # its own may be among them. Checked after the query, so a message sent meanwhile counts.
+        # While messages wait in the broker, a waiting job's own may be among them: only an empty
+        # queue says it is gone (or in a worker's hands a moment before its claim, where the copy
+        # sent here is a no-op). Checked after the query, so a message sent meanwhile counts.
         lost = waiting if waiting and pending_messages(broker_url=broker, queue=queue) == 0 else []
         now = time.monotonic()
         self._sent = {k: t for k, t in self._sent.items() if now - t < self.resend_after}
