@@ -45,8 +45,9 @@ TABLES: list[str] = []
 
 
 class RedisServer:
-    """redis-server on a free port with an fsync-always AOF: a Redis broker must be configured
-    durable, or a crash loses queued messages (the job rows would survive, not the deliveries)."""
+    """redis-server on a free port with an fsync-always AOF: a Redis broker should be configured
+    durable, or a crash loses queued messages (the job rows survive, not the deliveries, and the
+    workers' sweepers must re-send them). `persistent=False` is that crash-prone set-up."""
 
     def __init__(self, data: Path, *, persistent: bool = True) -> None:
         binary = shutil.which("redis-server")
