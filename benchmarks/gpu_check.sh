@@ -20,7 +20,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
 DEADLINE=${DEADLINE:-560}  # seconds for the whole script
-PART=${PART:-all}          # bake | compress | all
+PART=${PART:-all}          # convert (the base model only) | bake | compress | all
 PROFILE=${PROFILE:-standard}
 ONLY=${ONLY:-int8+lm_head-int8-tied}  # compress.py's own candidates beside the torchao rows
 mkdir -p "$OUT" /tmp/parts /tmp/models /tmp/gguf
@@ -53,6 +53,7 @@ worst = max(
 )
 print(f"converted base: {len(weights)} tensors; worst relative checksum difference to the local pull {worst:.2e}")
 EOF
+[ "$PART" = convert ] && exit 0  # benchmarks/gpu_sweep.sh bakes on its own
 
 MERGED=benchmarks/results/bake-$PROFILE/artifact/merged
 if [ "$PART" != compress ]; then
