@@ -20,6 +20,7 @@ Pure torch; about a minute for SmolLM2-135M on 2 CPU cores with 32 calibration s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -88,6 +89,24 @@ def _hessians(
     return {n: s / max(1, tokens[n]) for n, s in sums.items()}
 
 
+def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """||(W - approx) X||^2 / ||W X||^2 for inputs X with second moment `hessian` = X^T X / n:
+    how much of the layer's output on the calibration inputs the rounding changed."""
+    w = weight.detach().float()
+    delta = w - approx.detach().float()
+    h = hessian.float()
+    signal = float(((w @ h) * w).sum())
+    return float(((delta @ h) * delta).sum()) / signal if signal > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class GptqLayers:
+    """What `gptq_quantize_` built, per layer name."""
+
+    codes: dict[str, Int4Codes]
+    output_error: dict[str, float]  # `output_error` of the int4 weights on the layer's calibration inputs
+
+
 @torch.no_grad()
 def gptq_quantize_(
     model: nn.Module,
@@ -96,8 +115,9 @@ def gptq_quantize_(
     group_size: int,
     select: Callable[[str], bool],
     should_stop: Callable[[], None] | None = None,
-) -> dict[str, Int4Codes]:
-    """GPTQ int4 codes for every decoder-block Linear whose name `select` accepts, keyed by name.
+) -> GptqLayers:
+    """GPTQ int4 codes for every decoder-block Linear whose name `select` accepts, keyed by name,
+    with each layer's output error (what a mixed-precision choice ranks layers by).
 
     Works on a float model in place: each selected layer's weight is replaced by its dequantized
     int4 value, so later blocks calibrate on what the quantized model computes. Hand the codes
@@ -111,6 +131,7 @@ def gptq_quantize_(
     _, blocks = decoder_blocks(model)
     hidden, calls = block_inputs(model, sequences)
     out: dict[str, Int4Codes] = {}
+    errors: dict[str, float] = {}
     for i, (block, linears) in enumerate(zip(blocks, block_linears(model), strict=True)):
         if should_stop is not None:
             should_stop()
@@ -119,8 +140,10 @@ def gptq_quantize_(
         hessians = _hessians(block, chosen, inputs) if chosen else {}
         for name, linear in chosen.items():
             out[name] = gptq_int4(linear.weight, hessians[name], group_size)
-            linear.weight.copy_(quant.dequantize_int4(*out[name], dtype=linear.weight.dtype))
+            approx = quant.dequantize_int4(*out[name], dtype=linear.weight.dtype)
+            errors[name] = output_error(linear.weight, approx, hessians[name])
+            linear.weight.copy_(approx)
         if i + 1 < len(blocks):
             hidden = [run_block(block, h, call) for h, call in inputs]
     model.train(was_training)
-    return out
+    return GptqLayers(out, errors)

@@ -23,7 +23,15 @@ from baking import data as bdata
 from baking.assure import AssessInputs, assess, load_profile, reload_in_subprocess, spec_sha256, write_report
 from baking.card import model_card
 from baking.chat import CHAT_TEMPLATE, render_system_prompt, with_system
-from baking.compress import CASES_KEY, SearchConfig, compress, search, sparsify, with_pruning
+from baking.compress import (
+    CASES_KEY,
+    SearchConfig,
+    compress,
+    default_candidates,
+    search,
+    sparsify,
+    with_pruning,
+)
 from baking.evaluate import (
     REFUSAL,
     Probe,
@@ -420,7 +428,10 @@ def _optimize(
             run.check()
             return out | {CASES_KEY: cases}
 
-        config = SearchConfig(accuracy_retention=spec.targets.accuracy_retention)
+        config = SearchConfig(
+            accuracy_retention=spec.targets.accuracy_retention,
+            candidates=default_candidates(spec.targets.compression),
+        )
         gptq_calibration = (
             recovery_data(tokenizer, train_split).calibration
             if any(c.rounding == "gptq" for c in config.candidates)

@@ -25,7 +25,7 @@ best ones for the scales that are actually used.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -360,6 +360,7 @@ def quantize_model_(
     lm_head: str = "bf16",
     int8_parts: Iterable[str] = (),
     precomputed_int4: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    int4_layers: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Replace the model's `nn.Linear` layers in place with weight-only quantized ones.
 
@@ -372,6 +373,8 @@ def quantize_model_(
     With scheme int4, layers whose last name part is in `int8_parts` (e.g. "up_proj") are int8
     instead: mixed precision for the projections measurement finds sensitive. `precomputed_int4` maps
     layer names to int4 (packed, scales, zeros) already computed (GPTQ); the rest round to nearest.
+    `int4_layers`, when given, names the only layers that may take int4: every other one is int8
+    (mixed precision layer by layer, as a size budget chooses it).
     Returns a JSON-safe summary (the `scheme_info` that `load_quantized` accepts).
     """
     int8_parts = tuple(int8_parts)
@@ -392,6 +395,8 @@ def quantize_model_(
             kept.append(name)
             continue
         kind = "int8" if parts[-1] == "lm_head" or parts[-1] in int8_parts else scheme
+        if kind == "int4" and int4_layers is not None and name not in int4_layers:
+            kind = "int8"
         if kind == "int4" and linear.in_features % group_size:
             kept.append(name)
             continue
@@ -495,6 +500,20 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def weight_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in _unique_tensors(state).values())
+
+
+def int4_saving(linear: nn.Linear, group_size: int) -> int:
+    """Stored bytes saved by holding `linear` in int4 rather than int8 (codes, scales, zeros
+    and bias as the two modules store them; built on the meta device, nothing is allocated)."""
+    bias = linear.bias is not None
+    with torch.device("meta"):
+        int8 = Int8WeightOnlyLinear(linear.in_features, linear.out_features, bias)
+        int4 = Int4WeightOnlyLinear(linear.in_features, linear.out_features, bias, group_size=group_size)
+
+    def stored(module: nn.Module) -> int:  # no `weight_bytes`: meta tensors all share address 0
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    return stored(int8) - stored(int4)
 
 
 def logical_params(model: nn.Module) -> int:

@@ -69,6 +69,8 @@ CANDIDATES = (
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj"), rounding="gptq"),
     # int8 but for the projections whose baked update is smallest: just past int8's 74.9%
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq"),
+    # int8 with only as many GPTQ int4 down_proj layers (least output error first) as 0.75 needs
+    Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq", size_target=0.75),
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=("q_proj", "k_proj", "v_proj", *MLP[:2]), rounding="gptq"),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once

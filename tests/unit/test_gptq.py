@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from baking import gptq, quant
-from baking.compress import Candidate, compress
+from baking.compress import ALL_BUT_DOWN, DEFAULT_CANDIDATES, Candidate, compress, default_candidates
 
 CPU = torch.device("cpu")
 
@@ -118,8 +118,90 @@ def test_gptq_skips_layers_the_selection_leaves_out(tiny: tuple) -> None:
     import copy
 
     model = copy.deepcopy(tiny[0]).float()
-    codes = gptq.gptq_quantize_(
+    layers = gptq.gptq_quantize_(
         model, _calibration(tiny[1]), group_size=32, select=lambda name: name.endswith("q_proj")
     )
-    assert sorted(codes) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert sorted(layers.codes) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert layers.output_error.keys() == layers.codes.keys()
+    assert all(0 < e < 0.1 for e in layers.output_error.values())
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # still float layers
+
+
+def test_output_error_is_the_relative_error_of_the_layer_outputs() -> None:
+    x = _correlated_inputs(512, 64)
+    w = torch.randn(16, 64)
+    approx = w + 0.01 * torch.randn(16, 64)
+    expected = float((x @ (w - approx).T).pow(2).sum() / (x @ w.T).pow(2).sum())
+    assert gptq.output_error(w, approx, x.T @ x / len(x)) == pytest.approx(expected, rel=1e-4)
+    assert gptq.output_error(w, w, x.T @ x / len(x)) == 0.0
+
+
+def _fitted(target: float) -> Candidate:
+    return Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq", size_target=target)
+
+
+def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(tiny: tuple, tmp_path: Path) -> None:
+    import copy
+
+    from baking.export import load_artifact, write_artifact
+
+    model, tokenizer = tiny
+    calibration = _calibration(tokenizer)
+    int8, int8_scheme = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
+    fp32 = 4 * int8_scheme["params"]
+    downs = [n for n, _ in model.named_modules() if n.endswith("down_proj")]
+    saving = quant.int4_saving(model.get_submodule(downs[0]), 32)
+    # int8 falls short of this target by half of what one down_proj in int4 saves
+    target = 1 - (int8_scheme["weight_bytes"] - saving / 2) / fp32
+    candidate = _fitted(target)
+    assert candidate.name == f"int4-g32-gptq+int8:q,k,v,o,gate,up+fit{target:g}+lm_head-int8-tied"
+    final, scheme = compress(model, candidate, CPU, calibration=calibration)
+
+    errors = gptq.gptq_quantize_(
+        copy.deepcopy(model).float(), calibration, group_size=32, select=lambda n: n.endswith("down_proj")
+    ).output_error
+    least = min(errors, key=lambda n: errors[n])
+    assert scheme["fit"]["reached"] and list(scheme["fit"]["int4_layers"]) == [least]
+    assert scheme["fit"]["int8_instead"] == len(downs) - 1
+    assert 1 - scheme["weight_bytes"] / fp32 >= target > 1 - int8_scheme["weight_bytes"] / fp32
+    int4 = [n for n, m in final.named_modules() if isinstance(m, quant.Int4WeightOnlyLinear)]
+    assert int4 == [least]
+    for name, m in final.named_modules():  # every other layer is exactly what plain int8 stores
+        if isinstance(m, quant.Int8WeightOnlyLinear):
+            assert torch.equal(m.qweight, int8.get_submodule(name).qweight), name
+
+    ids = torch.tensor([calibration[0]])
+    with torch.inference_mode():
+        expected = final(input_ids=ids).logits
+    write_artifact(
+        tmp_path / "artifact",
+        final_model=final,
+        merged_model=None,
+        tokenizer=tokenizer,
+        final_dtype=scheme["dtype_torch"],
+        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
+        manifest={},
+        model_card="card",
+    )
+    loaded, _ = load_artifact(tmp_path / "artifact")
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_size_fitted_candidate_says_when_every_layer_is_not_enough(tiny: tuple) -> None:
+    model, tokenizer = tiny
+    final, scheme = compress(model, _fitted(0.95), CPU, calibration=_calibration(tokenizer))
+    downs = [n for n, _ in model.named_modules() if n.endswith("down_proj")]
+    assert not scheme["fit"]["reached"] and sorted(scheme["fit"]["int4_layers"]) == sorted(downs)
+    assert scheme["fit"]["int8_instead"] == 0
+
+
+def test_size_fitted_candidate_validation_and_the_jobs_target() -> None:
+    with pytest.raises(ValueError, match="rounding=gptq"):
+        Candidate("int4", 32, size_target=0.75)
+    with pytest.raises(ValueError, match="size_target"):
+        _fitted(1.0)
+    fitted = [c for c in default_candidates(0.8) if c.size_target is not None]
+    assert [c.size_target for c in fitted] == [0.8]
+    assert all(c.size_target is None for c in default_candidates(None))
+    assert len(default_candidates(None)) == len(DEFAULT_CANDIDATES) - 1
