@@ -184,12 +184,15 @@ def compress(
     device: torch.device,
     *,
     calibration: Sequence[Sequence[int]] = (),
+    gptq_cache: dict[tuple[int, tuple[str, ...]], gptq.GptqLayers] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(final model, scheme dict). The scheme dict keys: scheme, dtype, dtype_torch (not JSON),
     weight_bytes (stored bytes), params (parameter count of the uncompressed input, tied
     weights once: `params * 4` is the fp32 size to compare against), and for int8/int4 the
     quantization details (group_size, lm_head, quantized_layers, float_layers).
-    `calibration` (token id sequences) is what a GPTQ candidate calibrates on."""
+    `calibration` (token id sequences) is what a GPTQ candidate calibrates on; `gptq_cache`
+    keeps GPTQ's codes across calls for the same model and calibration (the search's two
+    down_proj candidates round the same layers the same way)."""
     if isinstance(quantization, str) and quantization == "auto":
         # `auto` needs an evaluator: the pipeline calls search(); compress alone keeps bf16.
         final, scheme = compress(model, Candidate("bf16"), device)
@@ -209,12 +212,15 @@ def compress(
         if candidate.rounding == "gptq":
             if not calibration:
                 raise ValueError(f"{candidate.name} needs calibration sequences")
-            layers = gptq.gptq_quantize_(
+            key = (candidate.group_size, candidate.int8_parts)
+            layers = (gptq_cache or {}).get(key) or gptq.gptq_quantize_(
                 final,
                 calibration,
                 group_size=candidate.group_size,
                 select=lambda name: name.rsplit(".", 1)[-1] not in candidate.int8_parts,
             )
+            if gptq_cache is not None:
+                gptq_cache[key] = layers
             precomputed = layers.codes
             if candidate.size_target is not None:
                 precomputed, fit = _fit_int4_to_size(model, final, candidate, candidate.size_target, layers, device)
@@ -424,9 +430,10 @@ def search(
     trials: list[Trial] = []
     final: Any = None
     scheme: dict[str, Any] = {}
+    gptq_cache: dict[tuple[int, tuple[str, ...]], gptq.GptqLayers] = {}
     for i, candidate in enumerate(candidates):
         started = time.monotonic()
-        final, scheme = compress(model, candidate, device, calibration=calibration)
+        final, scheme = compress(model, candidate, device, calibration=calibration, gptq_cache=gptq_cache)
         metrics = dict(evaluate(final))
         paired = paired_changes(metrics.pop(CASES_KEY, None), ref_cases, config.accuracy_keys)
         if paired:

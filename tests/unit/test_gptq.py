@@ -205,3 +205,38 @@ def test_size_fitted_candidate_validation_and_the_jobs_target() -> None:
     assert [c.size_target for c in fitted] == [0.8]
     assert all(c.size_target is None for c in default_candidates(None))
     assert len(default_candidates(None)) == len(DEFAULT_CANDIDATES) - 1
+
+
+def test_search_rounds_the_same_layers_once_for_both_down_proj_candidates(
+    tiny: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from baking.compress import SearchConfig, search
+
+    model, tokenizer = tiny
+    calls: list[int] = []
+    real = gptq.gptq_quantize_
+
+    def counted(*args: object, **kwargs: object) -> gptq.GptqLayers:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(gptq, "gptq_quantize_", counted)
+    down_only = Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq")
+    config = SearchConfig(accuracy_retention=1.0, candidates=(down_only, _fitted(0.0)))
+    result = search(
+        model,
+        config,
+        device=CPU,
+        evaluate=lambda m: {"tool_call_accuracy": 0.5},
+        reference={"tool_call_accuracy": 1.0},
+        calibration=_calibration(tokenizer),
+    )
+    assert [t.candidate for t in result.trials] == [down_only.name, _fitted(0.0).name]
+    assert len(calls) == 1
+    # size_target 0 is met by int8 alone: no layer in int4, every one exactly as plain int8 stores it
+    assert result.scheme["fit"]["int4_layers"] == {} and result.scheme["fit"]["reached"]
+    int8, _ = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
+    for name, m in result.model.named_modules():
+        if isinstance(m, quant.Int8WeightOnlyLinear):
+            assert torch.equal(m.qweight, int8.get_submodule(name).qweight), name
+    assert not any(isinstance(m, quant.Int4WeightOnlyLinear) for m in result.model.modules())
