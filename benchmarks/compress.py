@@ -193,6 +193,7 @@ def main() -> None:
             # DESIGN.md §6: task accuracy of the compressed model over the uncompressed baked model's
             "accuracy_retention": accuracy / reference_accuracy if reference_accuracy else None,
             **agreement,
+            **({"fit": scheme["fit"]} if "fit" in scheme else {}),  # which layers a size-fitted candidate put in int4
         }
 
     rows: list[dict[str, Any]] = []
