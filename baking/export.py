@@ -20,6 +20,7 @@ import torch
 from baking.chat import CHAT_TEMPLATE
 from baking.events import ArtifactFile, BakeError
 from baking.fetch import sha256_file
+from baking.generate import compile_decoding
 
 MANIFEST = "bakehouse.json"
 BAKEHOUSE_VERSION = "0.1.0"  # = pyproject's version, for source checkouts that are not pip-installed
@@ -133,8 +134,15 @@ def verify_artifact(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_artifact(path: str | Path, *, device: str = "cpu", verify: bool = True) -> tuple[Any, Any]:
-    """Load the released (compressed) model of an artifact: (model, tokenizer) with `generate()`."""
+def load_artifact(
+    path: str | Path, *, device: str = "cpu", verify: bool = True, compile_for_tokens: int | None = None
+) -> tuple[Any, Any]:
+    """Load the released (compressed) model of an artifact: (model, tokenizer) with `generate()`.
+
+    `compile_for_tokens`: generate over a static KV cache of that many tokens (prompt + new,
+    rounded up) with a torch.compile'd decoding step — the path the job timed where its metrics
+    say `decoding.path: static cache + torch.compile`. The first `generate` call compiles.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = Path(path)
@@ -148,6 +156,8 @@ def load_artifact(path: str | Path, *, device: str = "cpu", verify: bool = True)
         model = AutoModelForCausalLM.from_pretrained(str(root), dtype=dtype, use_safetensors=True)
         model = model.to(device)  # type: ignore[arg-type]  # transformers types .to() oddly
     model.eval()
+    if compile_for_tokens is not None:
+        compile_decoding(model, max_cache_len=compile_for_tokens)
     tokenizer = AutoTokenizer.from_pretrained(str(root))
     return model, tokenizer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Sequence
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from baking.chat import Message, encode_prompt
+from baking.generate import compile_decoding
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -64,3 +66,27 @@ def latency_ms(
         "new_tokens": float(new_tokens),
         "prompt_tokens_mean": statistics.fmean(p.shape[1] for p in prompts),
     }
+
+
+def compiled_latency_ms(
+    model: Any, tokenizer: Any, conversations: Sequence[Sequence[Message]], *, new_tokens: int
+) -> dict[str, float]:
+    """`latency_ms` with a static KV cache and a compiled decoding step (`compile_decoding`),
+    one cache for the whole request set, timed after one warm-up request, which compiles
+    (`compile_s`: that request's seconds). The model's generation config is restored afterwards.
+    Raises what compilation raises (no C++ compiler on the box, an unsupported op)."""
+    longest = max(len(encode_prompt(tokenizer, c)) for c in conversations)
+    saved = copy.deepcopy(model.generation_config)
+    # graphs of earlier models (an earlier job in this worker process) would count towards
+    # dynamo's recompile limit, past which it runs eagerly without saying so
+    torch._dynamo.reset()
+    try:
+        compile_decoding(model, max_cache_len=longest + new_tokens)
+        started = time.perf_counter()
+        latency_ms(model, tokenizer, conversations[:1], new_tokens=new_tokens, warmup=0)
+        compile_s = time.perf_counter() - started
+        return {**latency_ms(model, tokenizer, conversations, new_tokens=new_tokens, warmup=0), "compile_s": compile_s}
+    finally:
+        model.generation_config = saved
+        if hasattr(model, "_compiled_call"):
+            del model._compiled_call  # transformers' compiled forward, built for the config just dropped

@@ -46,7 +46,7 @@ from baking.export import write_artifact
 from baking.fetch import FetchedModel, fetch_model
 from baking.generate import end_of_turn_id
 from baking.load import configure_threads, load_model, load_tokenizer, pick_device
-from baking.measure import latency_ms
+from baking.measure import compiled_latency_ms, latency_ms
 from baking.persona import build_distill_targets
 from baking.prune import PruneConfig
 from baking.quant import cast_floats_
@@ -572,7 +572,16 @@ def _validate(
         (
             "latency and size",
             lambda: _latency_and_size(
-                original, final, scheme, tokenizer, split, system_prompt, fetched, metrics, new_tokens
+                original,
+                final,
+                scheme,
+                tokenizer,
+                split,
+                system_prompt,
+                fetched,
+                metrics,
+                new_tokens,
+                compile_decoding=spec.optimize.compile,
             ),
         )
     )
@@ -616,6 +625,8 @@ def _latency_and_size(
     fetched: FetchedModel,
     metrics: dict[str, Any],
     new_tokens: int,
+    *,
+    compile_decoding: bool,
 ) -> None:
     queries = ([c.query for c in split.heldout_tools] + split.heldout_persona_queries + split.heldout_irrelevant)[
         :8
@@ -628,8 +639,25 @@ def _latency_and_size(
         new_tokens=new_tokens,
     )
     del baseline_model
-    baked = latency_ms(final, tokenizer, [[{"role": "user", "content": q}] for q in queries], new_tokens=new_tokens)
-    metrics["latency_ms"] = {"baseline": base, "baked": baked}
+    conversations = [[{"role": "user", "content": q}] for q in queries]
+    eager = latency_ms(final, tokenizer, conversations, new_tokens=new_tokens)
+    latency = {"baseline": base, "baked": eager, "baked_eager": eager}
+    decoding: dict[str, Any] = {"path": "eager"}
+    if compile_decoding:
+        try:
+            compiled = compiled_latency_ms(final, tokenizer, conversations, new_tokens=new_tokens)
+        except Exception as exc:  # a box that cannot compile (no C++ compiler, say) keeps the eager figures
+            decoding["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            latency["baked_compiled"] = compiled
+            if compiled["p50"] < eager["p50"]:  # compile where it pays
+                latency["baked"] = compiled
+                decoding = {"path": "static cache + torch.compile", "compile_s": compiled["compile_s"]}
+            else:
+                decoding["note"] = "the compiled decoding step was not faster than eager here"
+    metrics["latency_ms"] = latency
+    metrics["decoding"] = decoding
+    baked = latency["baked"]
     metrics["speedup"] = base["p50"] / baked["p50"] if baked["p50"] > 0 else None
     params = scheme.get("params") or sum(p.numel() for p in final.parameters())
     final_bytes = scheme.get("weight_bytes") or sum(p.numel() * p.element_size() for p in final.parameters())

@@ -109,6 +109,9 @@ class OptimizeSpec:
     quantization: str = "auto"  # auto searches; none keeps the baked float weights
     pruning: PruningSpec = field(default_factory=PruningSpec)
     distill: bool = True  # KL recovery after compression
+    # also time the final model with a static KV cache and a torch.compile'd decoding step, and
+    # report that latency where it is the faster one (baking.generate.compile_decoding)
+    compile: bool = True
 
     def __post_init__(self) -> None:
         _require(self.quantization in QUANTIZATION, "optimize.quantization", f"one of {QUANTIZATION}")

@@ -144,6 +144,7 @@ class OptimizeSpec(_Strict):
     quantization: Literal["auto", "none", "bf16", "int8", "int4"] = "auto"
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     distill: bool = True
+    compile: bool = True
 
 
 class TargetsSpec(_Strict):

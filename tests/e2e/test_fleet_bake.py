@@ -172,6 +172,11 @@ def test_metrics_beat_the_prompted_baseline(baked: tuple[dict[str, Any], Observe
     assert isinstance(m.get("persona_kl"), int | float) and math.isfinite(m["persona_kl"]) and m["persona_kl"] >= 0
     assert m["tool_call_accuracy"] > m["tool_call_accuracy_baseline"], m
     assert m["persona_top1"] > 0.5, m
+    # both decoding paths of the final model timed on the real model; the faster one reported
+    latency = m["latency_ms"]
+    assert "baked_compiled" in latency, m["decoding"]
+    assert latency["baked"]["p50"] == min(latency["baked_eager"]["p50"], latency["baked_compiled"]["p50"])
+    assert m["speedup"] == pytest.approx(latency["baseline"]["p50"] / latency["baked"]["p50"])
 
 
 def test_artifacts_download_with_their_sha256_and_merged_calls_the_tool(

@@ -113,6 +113,8 @@ def test_scaled_out_postgres_redis_seaweed(
     job = wait_terminal(base, job_id)
     assert job["status"] == "succeeded", job
     assert job["attempts"] == 1 and job["error"] is None
+    # the compiled decoding step was timed inside a real Celery worker process (optimize.compile)
+    assert "baked_compiled" in job["metrics"]["latency_ms"], job["metrics"]["decoding"]
     assert_downloads_match(base, job, tmp_path / "download")
     store = S3Store(artifacts_url, **seaweed.options())
     assert store.exists(f"jobs/{job_id}/artifacts/{job_id}.tar")

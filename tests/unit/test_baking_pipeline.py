@@ -143,12 +143,24 @@ def test_small_bake_writes_merged_model_and_metrics(tiny_model_dir: Path, tmp_pa
     ):
         assert key in result.metrics
     assert 0.0 <= result.metrics["tool_call_accuracy"] <= 1.0
+    # optimize.compile (the default): both decoding paths timed, the faster one reported
+    latency, decoding = result.metrics["latency_ms"], result.metrics["decoding"]
+    faster = min(latency["baked_eager"], latency["baked_compiled"], key=lambda lat: lat["p50"])
+    assert latency["baked"] == faster
+    assert decoding["path"] == ("eager" if faster is latency["baked_eager"] else "static cache + torch.compile")
+    assert result.metrics["speedup"] == latency["baseline"]["p50"] / faster["p50"]
     manifest = json.loads((result.artifact_dir / "bakehouse.json").read_text())
     assert manifest["quantization"]["scheme"] == "bf16"
     assert set(manifest["files"]) == names - {"bakehouse.json"}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = AutoModelForCausalLM.from_pretrained(result.artifact_dir / "merged")
+    assert merged.generation_config.cache_implementation is None  # timing compiled left the artifact as it was
+    released, _ = load_artifact(result.artifact_dir)
+    assert released.generation_config.cache_implementation is None
+    released, _ = load_artifact(result.artifact_dir, compile_for_tokens=100)  # the timed path, on request
+    assert released.generation_config.cache_implementation == "static"
+    assert released.generation_config.max_cache_len == 128
     tok = AutoTokenizer.from_pretrained(result.artifact_dir / "merged")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

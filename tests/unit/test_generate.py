@@ -36,3 +36,21 @@ def test_shared_prefix_cache_generates_what_each_prompt_alone_does(tiny_model_di
         )  # stored in bf16: one step
     # The cache goes in under the name this transformers takes (no deprecated-argument warning).
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_compiled_decoding_generates_what_eager_decoding_does(tiny_model_dir: Path) -> None:
+    import torch
+
+    from baking.generate import STATIC_CACHE_STEP, compile_decoding
+
+    model, tokenizer = load_model(tiny_model_dir, torch.device("cpu")), load_tokenizer(tiny_model_dir)
+    prompts = [torch.tensor([encode_prompt(tokenizer, user(q))]) for q in ("Hi!", "Convert 65 mph to km/h, please.")]
+    kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.inference_mode():
+        eager = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs) for ids in prompts]
+        compile_decoding(model, max_cache_len=STATIC_CACHE_STEP + 1)
+        compiled = [model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs) for ids in prompts]
+    assert model.generation_config.max_cache_len == 2 * STATIC_CACHE_STEP  # rounded up to whole steps
+    assert hasattr(model, "_compiled_call")  # transformers took the compiled path, on a CPU
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)
