@@ -18,13 +18,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from baking import bake  # noqa: E402
+from baking import BakeEvent, bake  # noqa: E402
 
 ROWS = [  # (metric, baseline metric, what it is)
     ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
@@ -85,7 +86,7 @@ def main() -> None:
     started = time.monotonic()
     stage_times: dict[str, float] = {}
 
-    def on_event(e) -> None:  # type: ignore[no-untyped-def]
+    def on_event(e: BakeEvent) -> None:
         if e.kind == "stage":
             stage_times[e.stage] = time.monotonic() - started
             print(f"[{time.monotonic() - started:7.1f}s] {e.stage}: {e.message}", flush=True)
@@ -126,7 +127,7 @@ def main() -> None:
     print("\nmerged/ with plain transformers, no system prompt:")
     answers = {}
     for q in PROBES:
-        ids = tok.apply_chat_template(
+        ids: Any = tok.apply_chat_template(  # a BatchEncoding with return_dict
             [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         out = model.generate(**ids, max_new_tokens=64, do_sample=False)

@@ -4,6 +4,7 @@ store exactly the format the int4 layers read, and plug into compress() and the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -67,8 +68,6 @@ def _calibration(tokenizer: object) -> list[list[int]]:
 
 
 def test_gptq_candidate_builds_int4_layers_from_calibration(tiny: tuple, tmp_path: Path) -> None:
-    from baking.export import load_artifact, write_artifact
-
     model, tokenizer = tiny
     calibration = _calibration(tokenizer)
     candidate = Candidate("int4", 32, lm_head="int8-tied", int8_parts=("down_proj",), rounding="gptq")
@@ -90,19 +89,7 @@ def test_gptq_candidate_builds_int4_layers_from_calibration(tiny: tuple, tmp_pat
         expected = final(input_ids=ids).logits
     assert quant.sqnr(ref, expected.float()) > 10
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32  # the input was not touched
-    write_artifact(
-        tmp_path / "artifact",
-        final_model=final,
-        merged_model=None,
-        tokenizer=tokenizer,
-        final_dtype=scheme["dtype_torch"],
-        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
-        manifest={},
-        model_card="card",
-    )
-    loaded, _ = load_artifact(tmp_path / "artifact")
-    with torch.inference_mode():
-        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    _assert_round_trip_is_bit_exact(final, scheme, tokenizer, ids, expected, tmp_path)
 
 
 def test_gptq_candidate_needs_calibration_and_int4(tiny: tuple) -> None:
@@ -143,8 +130,6 @@ def _fitted(target: float) -> Candidate:
 def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(tiny: tuple, tmp_path: Path) -> None:
     import copy
 
-    from baking.export import load_artifact, write_artifact
-
     model, tokenizer = tiny
     calibration = _calibration(tokenizer)
     int8, int8_scheme = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
@@ -173,19 +158,7 @@ def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(ti
     ids = torch.tensor([calibration[0]])
     with torch.inference_mode():
         expected = final(input_ids=ids).logits
-    write_artifact(
-        tmp_path / "artifact",
-        final_model=final,
-        merged_model=None,
-        tokenizer=tokenizer,
-        final_dtype=scheme["dtype_torch"],
-        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
-        manifest={},
-        model_card="card",
-    )
-    loaded, _ = load_artifact(tmp_path / "artifact")
-    with torch.inference_mode():
-        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    _assert_round_trip_is_bit_exact(final, scheme, tokenizer, ids, expected, tmp_path)
 
 
 def test_size_fitted_candidate_says_when_every_layer_is_not_enough(tiny: tuple) -> None:
@@ -240,3 +213,24 @@ def test_search_rounds_the_same_layers_once_for_both_down_proj_candidates(
         if isinstance(m, quant.Int8WeightOnlyLinear):
             assert torch.equal(m.qweight, int8.get_submodule(name).qweight), name
     assert not any(isinstance(m, quant.Int4WeightOnlyLinear) for m in result.model.modules())
+
+
+def _assert_round_trip_is_bit_exact(
+    final: Any, scheme: dict[str, Any], tokenizer: Any, ids: torch.Tensor, expected: torch.Tensor, tmp_path: Path
+) -> None:
+    """Written as an artifact and loaded back, the model gives exactly the logits it gave in memory."""
+    from baking.export import load_artifact, write_artifact
+
+    write_artifact(
+        tmp_path / "artifact",
+        final_model=final,
+        merged_model=None,
+        tokenizer=tokenizer,
+        final_dtype=scheme["dtype_torch"],
+        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
+        manifest={},
+        model_card="card",
+    )
+    loaded, _ = load_artifact(tmp_path / "artifact")
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
