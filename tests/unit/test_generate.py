@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import pytest
+
 from baking.chat import encode_prompt, with_system
 from baking.evaluate import user
 from baking.generate import PREFIX_CACHE_MIN_TOKENS, common_prefix_length, generate_scored
@@ -38,12 +40,18 @@ def test_shared_prefix_cache_generates_what_each_prompt_alone_does(tiny_model_di
     assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
-def test_compiled_decoding_generates_what_eager_decoding_does(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_compiled_decoding_generates_what_eager_decoding_does(tiny_model_dir: Path, quantization: str) -> None:
     import torch
 
+    from baking.compress import Candidate, compress
     from baking.generate import STATIC_CACHE_STEP, compile_decoding
 
-    model, tokenizer = load_model(tiny_model_dir, torch.device("cpu")), load_tokenizer(tiny_model_dir)
+    cpu = torch.device("cpu")
+    model, tokenizer = load_model(tiny_model_dir, cpu), load_tokenizer(tiny_model_dir)
+    if quantization == "int8":  # our integer modules, bf16 activations, under the compiler
+        model, _ = compress(model, Candidate("int8", lm_head="int8-tied"), cpu)
+    torch._dynamo.reset()
     prompts = [torch.tensor([encode_prompt(tokenizer, user(q))]) for q in ("Hi!", "Convert 65 mph to km/h, please.")]
     kwargs = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.inference_mode():
