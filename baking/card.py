@@ -45,6 +45,14 @@ def model_card(spec: BakeSpec, metrics: dict[str, Any], *, base_model: str, trai
     }
     tools = ", ".join(t.name for t in spec.tools) or "none"
     guidelines = "\n".join(f"- {g}" for g in (spec.persona.guidelines if spec.persona else ())) or "- none"
+    decoding: dict[str, Any] = metrics.get("decoding") or {}
+    if decoding.get("path", "eager") == "eager":
+        timed = "with plain eager `generate()`"
+    else:
+        timed = (
+            f"with `{decoding['path']}` (`baking.load_artifact(path, compile_for_tokens=N)`, N the longest "
+            "prompt + new tokens you generate; the first call compiles)"
+        )
     table = "\n".join(
         f"| {k} | {json.dumps(v) if not isinstance(v, float) else f'{v:.4f}'} |"
         for k, v in sorted(metrics.items())
@@ -60,6 +68,11 @@ Baked by Bakehouse from `{base_model}`: tool use ({tools}) and a persona are tra
 weights, so the model needs **no system prompt**. Training: {spec.training.method}, seed
 {spec.training.seed}, profile {spec.profile}. Chat format: ChatML, tool calls as
 `<tool_call>{{"name": ..., "arguments": {{...}}}}</tool_call>`, tool results in a `tool` turn.
+
+## How to run it
+`merged/` is the uncompressed baked model for plain `transformers`; the compressed weights at the
+top level load with `baking.load_artifact(path)`, which returns a model with `generate()`. The
+latency and speedup below were measured {timed}.
 
 ## Intended use
 An assistant for {spec.persona.domain if spec.persona else "the job's domain"} that calls the tools above.

@@ -149,6 +149,8 @@ def test_small_bake_writes_merged_model_and_metrics(tiny_model_dir: Path, tmp_pa
     assert latency["baked"] == faster
     assert decoding["path"] == ("eager" if faster is latency["baked_eager"] else "static cache + torch.compile")
     assert result.metrics["speedup"] == latency["baseline"]["p50"] / faster["p50"]
+    card = (result.artifact_dir / "README.md").read_text()  # the card says how to run what was timed
+    assert "## How to run it" in card and ("compile_for_tokens" in card) == (decoding["path"] != "eager")
     manifest = json.loads((result.artifact_dir / "bakehouse.json").read_text())
     assert manifest["quantization"]["scheme"] == "bf16"
     assert set(manifest["files"]) == names - {"bakehouse.json"}
