@@ -18,8 +18,9 @@ benchmarks/results/compress.json.
 On CUDA, `--torchao` adds torchao's int8 and int4 weight-only configs (bf16 activations) as
 rows. `--compile` adds, for bf16, the torchao configs and every chosen candidate, a row that
 generates with a static KV cache and a torch.compile'd decoding step (`baking.generate.
-compile_decoding`, on CPUs too), one cache sized for the longest request, timed after one
-warm-up request (which compiles); tool accuracy and fidelity are those of the same weights
+compile_decoding`, on CPUs too) exactly as the job's `validating` stage times it
+(`baking.measure.compiled_latency_ms`: one cache sized for the longest request, timed after one
+warm-up request, which compiles); tool accuracy and fidelity are those of the same weights
 eagerly (compilation does not change them). A compiled baseline row is printed too.
 
 Pruned rows (PRUNED): pruned, distilled back towards the fp32 model for `--recovery-steps`
@@ -44,14 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from baking import quant  # noqa: E402
-from baking.chat import encode_prompt, render_system_prompt, with_system  # noqa: E402
+from baking.chat import render_system_prompt, with_system  # noqa: E402
 from baking.compress import ALL_BUT_DOWN, Candidate, compress, sparsify  # noqa: E402
 from baking.compress import MLP_PROJECTIONS as MLP  # noqa: E402
 from baking.data import split_spec  # noqa: E402
 from baking.evaluate import tool_accuracy  # noqa: E402
-from baking.generate import compile_decoding  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
-from baking.measure import latency_ms  # noqa: E402
+from baking.measure import compiled_latency_ms, latency_ms  # noqa: E402
 from baking.prune import PruneConfig  # noqa: E402
 from baking.recover import RecoveryConfig, recovery_data  # noqa: E402
 from baking.spec import BakeSpec  # noqa: E402
@@ -140,12 +140,7 @@ def main() -> None:
     def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
         if not compiled:
             return latency_ms(model, tokenizer, conversations, new_tokens=args.new_tokens)
-        # one static cache for the whole request set, so the first request compiles the one graph;
-        # dynamo's graphs for the models before go, or their recompiles would count towards its limit
-        torch._dynamo.reset()
-        longest = max(len(encode_prompt(tokenizer, c)) for c in conversations)
-        compile_decoding(model, max_cache_len=longest + args.new_tokens)
-        return latency_ms(model, tokenizer, conversations, new_tokens=args.new_tokens, warmup=1)
+        return compiled_latency_ms(model, tokenizer, conversations, new_tokens=args.new_tokens)  # as `validating`
 
     def prompted_latency(dtype: torch.dtype, compiled: bool = False) -> dict[str, Any]:
         """The original model in `dtype`, with the full system prompt, on the same requests."""

@@ -10,6 +10,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,6 +141,25 @@ def make_tiny_model(out_dir: Path, *, seed: int = 0, layers: int = 2, hidden: in
     for f in TOKENIZER_DIR.iterdir():
         shutil.copy(f, out_dir / f.name)
     return out_dir
+
+
+def write_compressed_artifact(
+    out: Path, final: Any, scheme: dict[str, Any], tokenizer: Any, merged: Any = None
+) -> Path:
+    """An artifact of `compress()`'s output, as the pipeline writes it (empty manifest, stub card)."""
+    from baking.export import write_artifact
+
+    write_artifact(
+        out,
+        final_model=final,
+        merged_model=merged,
+        tokenizer=tokenizer,
+        final_dtype=scheme["dtype_torch"],
+        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
+        manifest={},
+        model_card="card",
+    )
+    return out
 
 
 @pytest.fixture(scope="session")

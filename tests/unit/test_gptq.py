@@ -12,6 +12,7 @@ from torch import nn
 
 from baking import gptq, quant
 from baking.compress import ALL_BUT_DOWN, DEFAULT_CANDIDATES, Candidate, compress, default_candidates
+from tests.conftest import write_compressed_artifact
 
 CPU = torch.device("cpu")
 
@@ -219,18 +220,8 @@ def _assert_round_trip_is_bit_exact(
     final: Any, scheme: dict[str, Any], tokenizer: Any, ids: torch.Tensor, expected: torch.Tensor, tmp_path: Path
 ) -> None:
     """Written as an artifact and loaded back, the model gives exactly the logits it gave in memory."""
-    from baking.export import load_artifact, write_artifact
+    from baking.export import load_artifact
 
-    write_artifact(
-        tmp_path / "artifact",
-        final_model=final,
-        merged_model=None,
-        tokenizer=tokenizer,
-        final_dtype=scheme["dtype_torch"],
-        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
-        manifest={},
-        model_card="card",
-    )
-    loaded, _ = load_artifact(tmp_path / "artifact")
+    loaded, _ = load_artifact(write_compressed_artifact(tmp_path / "artifact", final, scheme, tokenizer))
     with torch.inference_mode():
         assert torch.equal(loaded(input_ids=ids).logits, expected)

@@ -23,6 +23,7 @@ from torch import nn
 
 from baking import quant
 from baking.compress import DEFAULT_CANDIDATES, MLP_PROJECTIONS, Candidate, SearchConfig, compress, search
+from tests.conftest import write_compressed_artifact
 
 SQNR_INT8_DB = 35.0
 SQNR_INT4_G32_DB = 18.0
@@ -174,24 +175,14 @@ def test_state_dict_round_trip_is_bit_exact(tiny: tuple, tmp_path: Path) -> None
     ids=lambda c: c.name,
 )
 def test_load_artifact_runs_the_same_compressed_model(tiny: tuple, tmp_path: Path, candidate: Candidate) -> None:
-    from baking.export import load_artifact, write_artifact
+    from baking.export import load_artifact
 
     model, tokenizer = tiny
     final, scheme = compress(model, candidate, CPU)
     ids = _ids(tokenizer)
     with torch.inference_mode():
         expected = final(input_ids=ids).logits
-    out = tmp_path / "artifact"
-    write_artifact(
-        out,
-        final_model=final,
-        merged_model=model,
-        tokenizer=tokenizer,
-        final_dtype=scheme["dtype_torch"],
-        quantization={k: v for k, v in scheme.items() if k != "dtype_torch"},
-        manifest={},
-        model_card="card",
-    )
+    out = write_compressed_artifact(tmp_path / "artifact", final, scheme, tokenizer, merged=model)
     stored = sum(f.stat().st_size for f in [out / "model.safetensors"])
     assert abs(stored - scheme["weight_bytes"]) < 64 * 1024  # header only on top of the tensors
     loaded, _ = load_artifact(out)
