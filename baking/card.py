@@ -15,6 +15,8 @@ CARD_METRICS = (
     "persona_kl",
     "persona_top1",
     "accuracy_retention",
+    "top1_agreement",
+    "ppl_delta",
     "speedup",
     "compression",
 )

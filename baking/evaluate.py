@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -9,8 +11,8 @@ from typing import Any
 
 import torch
 
-from baking.chat import Message, with_system
-from baking.data import ToolCase, max_sentences, normalize, sentences
+from baking.chat import Message, encode_conversation, with_system
+from baking.data import Split, ToolCase, demonstration, max_sentences, normalize, sentences, tool_conversation
 from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
 from baking.toolcalls import arguments_match, content_words, has_tool_call, parse_first_call, validate_call
@@ -110,6 +112,67 @@ def irrelevance_accuracy(
         {"query": q, "output": o, "correct": not has_tool_call(o)} for q, o in zip(queries, outputs, strict=True)
     ]
     return sum(1 for s in samples if s["correct"]) / len(samples), samples
+
+
+# DESIGN.md §6 fidelity is measured on held-out text of the job's own kind: its held-out tool
+# conversations (call, result, answer) and persona demonstrations, rendered as the model sees
+# them and packed into windows like running text, taken in turn from each tool and from the
+# demonstrations so that no one kind fills the budget. 4 x 1024 tokens bound the cost (a few
+# forward passes of each model) and resolve a 1% perplexity change better than one short text.
+FIDELITY_WINDOW = 1024
+FIDELITY_WINDOWS = 4
+
+
+def heldout_sequences(split: Split, tokenizer: Any) -> list[list[int]]:
+    """Token windows of held-out job text for `text_fidelity` (empty when the split holds none)."""
+    groups: dict[str, list[list[Message]]] = {}
+    for case in split.heldout_tools:
+        groups.setdefault(case.tool, []).append(tool_conversation(case)[0])
+    groups["demonstrations"] = [demonstration(e)[0] for e in split.heldout_persona_examples]
+    in_turn = itertools.chain.from_iterable(itertools.zip_longest(*groups.values()))
+    conversations = [c for c in in_turn if c is not None]
+    stream: list[int] = []
+    for messages in conversations:
+        stream += encode_conversation(tokenizer, messages, train_turns=()).input_ids
+        if len(stream) >= FIDELITY_WINDOW * FIDELITY_WINDOWS:
+            break
+    windows = [stream[i : i + FIDELITY_WINDOW] for i in range(0, len(stream), FIDELITY_WINDOW)]
+    return [w for w in windows[:FIDELITY_WINDOWS] if len(w) > 1]
+
+
+@torch.inference_mode()
+def text_fidelity(reference: Any, model: Any, sequences: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """DESIGN.md §6 `top1_agreement`, `kl` and `ppl_delta`: `model` against `reference` on
+    held-out token sequences, by next-token prediction with every position pooled.
+
+    top1_agreement is the share of positions where both predict the same token, kl the mean
+    per-token KL(reference || model) and ppl_delta the relative change of perplexity on the
+    sequences' own next tokens (ppl(model) / ppl(reference) - 1)."""
+    agree, kl_sum, nll_ref, nll, positions = 0, 0.0, 0.0, 0.0, 0
+    for sequence in sequences:
+        if len(sequence) < 2:
+            continue
+        ids = torch.tensor([list(sequence)], device=next(reference.parameters()).device)
+        ref_lp = reference(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        lp = model(input_ids=ids.to(next(model.parameters()).device)).logits[0, :-1].float().log_softmax(-1)
+        lp = lp.to(ref_lp.device)
+        targets = ids[0, 1:].unsqueeze(-1)
+        agree += int((ref_lp.argmax(-1) == lp.argmax(-1)).sum())
+        kl_sum += float((ref_lp.exp() * (ref_lp - lp)).sum())
+        nll_ref -= float(ref_lp.gather(-1, targets).sum())
+        nll -= float(lp.gather(-1, targets).sum())
+        positions += ids.shape[1] - 1
+    if not positions:
+        return {"top1_agreement": None, "kl": None, "ppl": None, "ppl_reference": None, "ppl_delta": None, "tokens": 0}
+    ppl_ref, ppl = math.exp(nll_ref / positions), math.exp(nll / positions)
+    return {
+        "top1_agreement": agree / positions,
+        "kl": kl_sum / positions,
+        "ppl": ppl,
+        "ppl_reference": ppl_ref,
+        "ppl_delta": ppl / ppl_ref - 1,
+        "tokens": positions,
+    }
 
 
 @torch.inference_mode()

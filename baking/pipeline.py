@@ -36,9 +36,11 @@ from baking.evaluate import (
     REFUSAL,
     Probe,
     guideline_probes,
+    heldout_sequences,
     irrelevance_accuracy,
     persona_fidelity,
     run_probes,
+    text_fidelity,
     tool_accuracy,
 )
 from baking.events import BakeCancelled, BakeError, BakeEvent, BakeResult, CancelCheck, EventSink
@@ -567,6 +569,16 @@ def _validate(
                 metrics["guideline_pass_rate_uncompressed"] = run_probes(baked, tokenizer, probes, persona)["pass_rate"]
 
         steps.append(("persona", persona_metrics))
+    sequences = heldout_sequences(split, tokenizer)
+    if sequences:
+
+        def fidelity_metrics() -> None:
+            measured = text_fidelity(baked, final, sequences)
+            for key in ("top1_agreement", "kl", "ppl_delta"):
+                metrics[key] = measured[key]
+            metrics["fidelity"] = {k: measured[k] for k in ("ppl", "ppl_reference", "tokens")}
+
+        steps.append(("fidelity", fidelity_metrics))
     new_tokens = 16 if spec.profile == "quick" else 32
     steps.append(
         (

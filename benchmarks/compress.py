@@ -9,8 +9,10 @@ vs fp32, p50/p95 latency of `--requests` fleet queries with no system prompt aga
 original model in bf16 *with* the full fleet system prompt (DESIGN.md §6 `latency_ms`),
 speedup (and the fp32 original with its prompt beside the bf16 one: on a CPU without native
 bf16, bf16 is emulated and slow), and fidelity to the uncompressed (fp32) model on held-out text
-(examples/vehicle_manual.md, its last `--eval-tokens` tokens): top-1 agreement, mean
-KL(fp32 || candidate) per token and relative perplexity change; and the task itself:
+(`--fidelity-text job`, the default: the job's held-out conversations, exactly as the job's
+`validating` stage measures them; `manual`: examples/vehicle_manual.md, its last `--eval-tokens`
+tokens, as sessions before 2026-11-27 measured it): top-1 agreement, mean KL(fp32 || candidate)
+per token and relative perplexity change; and the task itself:
 tool_call_accuracy on the fleet job's held-out tool cases (no system prompt) and
 accuracy_retention, that accuracy over the uncompressed model's (DESIGN.md §6). Writes
 benchmarks/results/compress.json.
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ from baking.chat import render_system_prompt, with_system  # noqa: E402
 from baking.compress import ALL_BUT_DOWN, Candidate, compress, sparsify  # noqa: E402
 from baking.compress import MLP_PROJECTIONS as MLP  # noqa: E402
 from baking.data import split_spec  # noqa: E402
-from baking.evaluate import tool_accuracy  # noqa: E402
+from baking.evaluate import heldout_sequences, text_fidelity, tool_accuracy  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
 from baking.measure import compiled_latency_ms, latency_ms  # noqa: E402
 from baking.prune import PruneConfig  # noqa: E402
@@ -94,20 +95,6 @@ BAKED = ROOT / "benchmarks" / "results" / "bake-standard" / "artifact" / "merged
 ORIGINAL = Path.home() / ".local" / "share" / "bakehouse" / "models" / "smollm2-135m-instruct"
 
 
-@torch.inference_mode()
-def fidelity(reference_logits: torch.Tensor, model: Any, ids: torch.Tensor) -> dict[str, float]:
-    """top-1 agreement, mean KL(ref || model) and relative perplexity change on next-token prediction."""
-    logits = model(input_ids=ids).logits[0, :-1].float()
-    ref = reference_logits[0, :-1]
-    targets = ids[0, 1:]
-    ref_lp, lp = ref.log_softmax(-1), logits.log_softmax(-1)
-    kl = float((ref_lp.exp() * (ref_lp - lp)).sum(-1).mean())
-    top1 = float((ref.argmax(-1) == logits.argmax(-1)).float().mean())
-    ppl_ref = math.exp(float(torch.nn.functional.nll_loss(ref_lp, targets)))
-    ppl = math.exp(float(torch.nn.functional.nll_loss(lp, targets)))
-    return {"top1_agreement": top1, "kl": kl, "ppl": ppl, "ppl_ref": ppl_ref, "ppl_delta": ppl / ppl_ref - 1}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model", nargs="?", default=str(BAKED if BAKED.is_dir() else ORIGINAL))
@@ -115,7 +102,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--eval-tokens", type=int, default=512)
+    parser.add_argument(
+        "--fidelity-text",
+        choices=["job", "manual"],
+        default="job",
+        help="job: the job's held-out conversations, as `validating` measures them; manual: the manual's tail",
+    )
+    parser.add_argument(
+        "--eval-tokens", type=int, default=512, help="the manual's last tokens (--fidelity-text manual)"
+    )
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
     parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--no-pruning", action="store_true", help="skip the pruned rows (they take longest)")
@@ -134,8 +129,10 @@ def main() -> None:
     system_prompt = render_system_prompt(spec.persona, spec.tools)
     queries = (QUERIES * ((args.requests + len(QUERIES) - 1) // len(QUERIES)))[: args.requests]
     tokenizer = load_tokenizer(Path(args.model))
-    text_ids = tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"]
-    ids = torch.tensor([text_ids[-args.eval_tokens :]], device=device)
+    if args.fidelity_text == "job":  # DESIGN.md §6 fidelity exactly as the job's `validating` reports it
+        sequences = heldout_sequences(split_spec(spec), tokenizer)
+    else:
+        sequences = [tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"][-args.eval_tokens :]]
 
     def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
         if not compiled:
@@ -167,8 +164,6 @@ def main() -> None:
     )
 
     model = load_model(Path(args.model), device)  # fp32: the uncompressed reference
-    with torch.inference_mode():
-        reference_logits = model(input_ids=ids).logits.float()
     fp32_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
     conversations = [[{"role": "user", "content": q}] for q in queries]
     heldout = split_spec(spec).heldout_tools  # the job's held-out tool cases, as `validating` measures them
@@ -177,7 +172,7 @@ def main() -> None:
 
     def measure(name: str, final: Any, scheme: dict[str, Any], built: float, compiled: bool = False) -> dict[str, Any]:
         accuracy = tool_accuracy(final, tokenizer, heldout, spec.tools).accuracy
-        agreement = fidelity(reference_logits, final, ids)
+        agreement = text_fidelity(model, final, sequences)
         lat = timed(final, conversations, compiled)
         return {
             "candidate": name,
@@ -270,7 +265,8 @@ def main() -> None:
     where = f"{args.threads} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
         f"\n{where}, {args.requests} requests x {args.new_tokens} new tokens; "
-        f"fidelity on {ids.shape[1]} tokens vs fp32 (ppl {rows[0]['ppl_ref']:.2f})"
+        f"fidelity on {rows[0]['tokens']} tokens of {args.fidelity_text} text vs fp32 "
+        f"(ppl {rows[0]['ppl_reference']:.2f})"
     )
     print(HEADER)
     print(f"{'original bf16+prompt':<44} {'':>7} {'':>8} {base['p50']:>7.0f} {base['p95']:>7.0f} {1.0:>7.2f}x")

@@ -256,6 +256,12 @@ def print_metrics(metrics: dict[str, Any]) -> None:
         f"compression {_num(m.get('compression'))}, vs fp32 {_num(m.get('compression_vs_fp32'))}",
     )
     table.add_row("accuracy_retention", _num(m.get("accuracy_retention")), "", "compressed / uncompressed baked")
+    table.add_row(
+        "ppl_delta",
+        _num(m.get("ppl_delta"), 4),
+        "",
+        f"vs uncompressed baked on held-out text; top-1 {_num(m.get('top1_agreement'))}, KL {_num(m.get('kl'), 4)}",
+    )
     out.print(table)
 
 

@@ -177,6 +177,9 @@ def test_metrics_beat_the_prompted_baseline(baked: tuple[dict[str, Any], Observe
     assert "baked_compiled" in latency, m["decoding"]
     assert latency["baked"]["p50"] == min(latency["baked_eager"]["p50"], latency["baked_compiled"]["p50"])
     assert m["speedup"] == pytest.approx(latency["baseline"]["p50"] / latency["baked"]["p50"])
+    # DESIGN.md §6 fidelity of the shipped weights to the uncompressed baked model, on held-out text
+    assert 0.5 < m["top1_agreement"] <= 1.0 and 0.0 <= m["kl"] < 1.0, m
+    assert math.isfinite(m["ppl_delta"]) and m["fidelity"]["tokens"] >= 1024, m
 
 
 def test_artifacts_download_with_their_sha256_and_merged_calls_the_tool(

@@ -4,6 +4,7 @@ produce the DESIGN.md §8 layout, and load_artifact runs the released weights.""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,9 @@ def test_small_bake_writes_merged_model_and_metrics(tiny_model_dir: Path, tmp_pa
     ):
         assert key in result.metrics
     assert 0.0 <= result.metrics["tool_call_accuracy"] <= 1.0
+    # DESIGN.md §6 fidelity of the bf16 artifact to the fp32 baked model, on the held-out conversations
+    assert 0.0 < result.metrics["top1_agreement"] <= 1.0 and result.metrics["kl"] >= 0.0
+    assert math.isfinite(result.metrics["ppl_delta"]) and result.metrics["fidelity"]["tokens"] > 0
     # optimize.compile (the default): both decoding paths timed, the faster one reported
     latency, decoding = result.metrics["latency_ms"], result.metrics["decoding"]
     faster = min(latency["baked_eager"], latency["baked_compiled"], key=lambda lat: lat["p50"])

@@ -372,3 +372,59 @@ def test_search_records_the_cases_each_candidate_lost_and_gained(tiny: tuple) ->
     record = result.scheme["search"]
     assert record["resolution"] == {"tool_call_accuracy": 0.125}
     assert "coarser than the target" in record["note"]
+
+
+# ---------------------------------------------------------------- fidelity (DESIGN.md §6)
+
+
+def test_text_fidelity_of_a_model_to_itself_is_exact(tiny: tuple) -> None:
+    from baking.evaluate import text_fidelity
+
+    model, tokenizer = tiny
+    ids = _ids(tokenizer)[0].tolist()
+    measured = text_fidelity(model, model, [ids, ids[:5]])
+    assert measured["top1_agreement"] == 1.0 and measured["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert measured["ppl_delta"] == pytest.approx(0.0, abs=1e-9)
+    assert measured["tokens"] == len(ids) - 1 + 4  # every next-token position of both sequences
+
+
+def test_text_fidelity_measures_a_quantized_model_against_its_float_one(tiny: tuple) -> None:
+    from baking.evaluate import text_fidelity
+
+    model, tokenizer = tiny
+    final, _ = compress(model, Candidate("int4", 32), CPU)
+    ids = _ids(tokenizer)
+    measured = text_fidelity(model, final, [ids[0].tolist()])
+    with torch.inference_mode():  # the same figures computed directly, one sequence
+        ref = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        got = final(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+    targets = ids[0, 1:]
+    nll_ref = torch.nn.functional.nll_loss(ref, targets)
+    nll = torch.nn.functional.nll_loss(got, targets)
+    assert measured["kl"] == pytest.approx(float((ref.exp() * (ref - got)).sum(-1).mean()), rel=1e-4)
+    assert measured["kl"] > 0
+    assert measured["ppl_delta"] == pytest.approx(float(torch.exp(nll - nll_ref)) - 1, rel=1e-4, abs=1e-6)
+    assert measured["top1_agreement"] == pytest.approx(float((ref.argmax(-1) == got.argmax(-1)).float().mean()))
+
+
+def test_heldout_sequences_take_each_kind_in_turn_and_stay_in_windows(fleet_dict: dict, tiny: tuple) -> None:
+    from baking.chat import encode_conversation
+    from baking.data import split_spec, tool_conversation
+    from baking.evaluate import FIDELITY_WINDOW, FIDELITY_WINDOWS, heldout_sequences
+    from baking.spec import BakeSpec
+
+    _, tokenizer = tiny
+    split = split_spec(BakeSpec.from_dict(fleet_dict))
+    windows = heldout_sequences(split, tokenizer)
+    assert 1 <= len(windows) <= FIDELITY_WINDOWS and all(1 < len(w) <= FIDELITY_WINDOW for w in windows)
+    first_of_each = [
+        next(c for c in split.heldout_tools if c.tool == t.name) for t in BakeSpec.from_dict(fleet_dict).tools
+    ]
+    stream = [i for w in windows for i in w]
+    expected_start = [
+        i
+        for c in first_of_each
+        for i in encode_conversation(tokenizer, tool_conversation(c)[0], train_turns=()).input_ids
+    ]
+    assert stream[: len(expected_start)] == expected_start[: len(stream)]  # one conversation of each tool first
+    assert heldout_sequences(type(split)(), tokenizer) == []  # nothing held out: nothing to measure
