@@ -60,6 +60,9 @@ class TrainConfig:
     # The pipeline splits "tools" into one pool per tool ("tools/NAME").
     mix: dict[str, float] = field(default_factory=lambda: TrainConfig.default_mix())
     micro_batch_tokens: int = 1024  # items are sorted by length and packed into micro-batches of this size
+    # NEFTune (Jain et al. 2023, arXiv 2310.05914): uniform noise of scale alpha / sqrt(length * dim)
+    # on the input embeddings while training; 0 turns it off.
+    embedding_noise: float = 0.0
 
     @staticmethod
     def default_mix() -> dict[str, float]:
@@ -76,6 +79,8 @@ class TrainConfig:
             raise ValueError("method must be lora or full")
         if not 0 < self.learning_rate <= 1:
             raise ValueError("learning_rate must be in (0, 1]")
+        if self.embedding_noise < 0:
+            raise ValueError("embedding_noise must be >= 0")
 
 
 @dataclass
@@ -122,6 +127,18 @@ def wrap_for_training(model: Any, config: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def _noisy_embeddings(alpha: float) -> Callable[[Any, Any, torch.Tensor], torch.Tensor]:
+    """A forward hook adding NEFTune's noise to the embedding output, in training mode only."""
+
+    def hook(module: Any, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    return hook
 
 
 def merge(model: Any) -> Any:
@@ -245,6 +262,11 @@ def train(
     mixer = _Mixer(pools, config.mix, config.seed)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     report = TrainReport([], [], [], sum(p.numel() for p in params), 0.0)
+    noise = (
+        wrapped.get_input_embeddings().register_forward_hook(_noisy_embeddings(config.embedding_noise))
+        if config.embedding_noise
+        else None
+    )
     started = time.monotonic()
     for step in range(1, config.steps + 1):
         if should_stop is not None:
@@ -271,6 +293,8 @@ def train(
         if on_step is not None:
             on_step(step, config.steps, {"loss": value, "ce": ce, "kl": kl, "lr": scheduler.get_last_lr()[0]})
     report.seconds = time.monotonic() - started
+    if noise is not None:
+        noise.remove()
     wrapped.eval()
     merged = merge(wrapped)
     merged.config.use_cache = True

@@ -2,13 +2,14 @@
 DESIGN.md §6 beside the baseline (the original model given the full system prompt).
 
     .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu] [--models-dir DIR]
-        [--name NAME] [--mix tools=0.5,answers=0.03,demos=0.12,distill=0.35]
+        [--name NAME] [--mix tools=0.5,answers=0.03,demos=0.12,distill=0.35] [--embedding-noise 5]
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request.
 Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
 (bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
-run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`.
+run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`,
+`--embedding-noise` NEFTune's noise on the input embeddings while training.
 """
 
 from __future__ import annotations
@@ -60,8 +61,22 @@ def main() -> None:
     parser.add_argument("--models-dir", default=None, help="where pulled models live (default: the settings')")
     parser.add_argument("--name", default=None, help="results name (default: the profile)")
     parser.add_argument("--mix", default=None, help="batch shares, e.g. tools=0.5,answers=0.03,demos=0.12,distill=0.35")
+    parser.add_argument("--no-compile", action="store_true", help="time the eager path only (saves the compile)")
+    parser.add_argument("--embedding-noise", type=float, default=0.0, help="NEFTune alpha while training (0: off)")
     args = parser.parse_args()
     name = args.name or args.profile
+    if args.embedding_noise:
+        # A benchmark-only override, like --mix: the pipeline builds its TrainConfig from the job.
+        import dataclasses
+
+        import baking.pipeline
+        from baking.train import TrainConfig
+
+        @dataclasses.dataclass(frozen=True)
+        class NoisyTrainConfig(TrainConfig):
+            embedding_noise: float = args.embedding_noise
+
+        baking.pipeline.TrainConfig = NoisyTrainConfig  # type: ignore[misc]
     if args.mix:
         # A benchmark-only override: the job spec does not expose the mix to users.
         from baking.train import TrainConfig
@@ -79,7 +94,8 @@ def main() -> None:
     spec = yaml.safe_load(Path(args.job).read_text())
     spec["profile"] = args.profile
     spec["device"] = args.device
-    spec["optimize"] = {"quantization": "none"}  # baking quality alone; compression is benchmarks/compress.py
+    # baking quality alone; compression is benchmarks/compress.py
+    spec["optimize"] = {"quantization": "none", "compile": not args.no_compile}
     if args.steps:
         spec["training"]["steps"] = args.steps
     work = ROOT / "benchmarks" / "results" / f"bake-{name}"
@@ -119,31 +135,28 @@ def main() -> None:
     for s in failures[:8]:
         print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
 
+    # written before the plain-transformers check below, so a run cut off there keeps its figures
+    scalars = {k: v for k, v in m.items() if not k.endswith("samples")}
+    out = ROOT / "benchmarks" / "results" / f"bake_quality-{name}.json"
+    report: dict[str, Any] = {"wall_s": wall, "stages_s": stage_times, "metrics": scalars, "merged_answers": {}}
+    out.write_text(json.dumps(report, indent=2, default=str))
+    samples = {k: v for k, v in m.items() if k.endswith("samples")}
+    (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = result.artifact_dir / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged)
     tok = AutoTokenizer.from_pretrained(merged)
     print("\nmerged/ with plain transformers, no system prompt:")
-    answers = {}
     for q in PROBES:
         ids: Any = tok.apply_chat_template(  # a BatchEncoding with return_dict
             [{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
-        out = model.generate(**ids, max_new_tokens=64, do_sample=False)
-        answers[q] = tok.decode(out[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        print(f"  Q: {q}\n  A: {answers[q]}")
-    scalars = {k: v for k, v in m.items() if not k.endswith("samples")}
-    out = ROOT / "benchmarks" / "results" / f"bake_quality-{name}.json"
-    out.write_text(
-        json.dumps(
-            {"wall_s": wall, "stages_s": stage_times, "metrics": scalars, "merged_answers": answers},
-            indent=2,
-            default=str,
-        )
-    )
-    samples = {k: v for k, v in m.items() if k.endswith("samples")}
-    (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
+        generated = model.generate(**ids, max_new_tokens=64, do_sample=False)
+        report["merged_answers"][q] = tok.decode(generated[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
+        print(f"  Q: {q}\n  A: {report['merged_answers'][q]}")
+    out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out} and the per-case samples beside it")
 
 

@@ -56,6 +56,22 @@ def test_training_changes_parameters_and_lowers_loss(tiny, method: str) -> None:
     assert set(after) == set(before)  # merged back to the plain architecture
 
 
+def test_embedding_noise_trains_and_leaves_no_hook_behind(tiny) -> None:
+    model, tok = tiny
+    # the tiny model's embeddings are ~0.02: NEFTune's usual alpha 5 would drown them, 0.5 does not
+    config = TrainConfig(steps=40, batch_size=3, learning_rate=1e-2, embedding_noise=0.5)
+    merged, report = train(copy.deepcopy(model), tok, _pools(tok), config)
+    assert report.last_loss < report.first_loss - 0.5, (report.first_loss, report.last_loss)
+    embeddings = merged.get_input_embeddings()
+    assert not embeddings._forward_hooks  # the noise was for training only
+    ids = torch.tensor([tok("The brake fluid is low.", add_special_tokens=False)["input_ids"]])
+    merged.train()  # even in training mode, no noise is left on the embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(embeddings(ids), embeddings(ids), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="embedding_noise"):
+        TrainConfig(steps=1, batch_size=1, learning_rate=1e-3, embedding_noise=-1.0)
+
+
 def test_lora_merge_equals_base_plus_adapter(tiny) -> None:
     model, tok = tiny
     wrapped = wrap_for_training(copy.deepcopy(model), TrainConfig(steps=1, batch_size=1, learning_rate=1e-3))
