@@ -9,10 +9,10 @@ vs fp32, p50/p95 latency of `--requests` fleet queries with no system prompt aga
 original model in bf16 *with* the full fleet system prompt (DESIGN.md §6 `latency_ms`),
 speedup (and the fp32 original with its prompt beside the bf16 one: on a CPU without native
 bf16, bf16 is emulated and slow), and fidelity to the uncompressed (fp32) model on held-out text
-(`--fidelity-text job`, the default: the job's held-out conversations, exactly as the job's
-`validating` stage measures them; `manual`: examples/vehicle_manual.md, its last `--eval-tokens`
-tokens, as sessions before 2026-11-27 measured it): top-1 agreement, mean KL(fp32 || candidate)
-per token and relative perplexity change; and the task itself:
+(the job's held-out conversations, exactly as the job's `validating` stage measures them): top-1
+agreement, mean KL(fp32 || candidate) per token and relative perplexity change, and beside it the
+perplexity change on examples/vehicle_manual.md's last `--eval-tokens` tokens, the text entries
+before 2026-11-27 measured it on; and the task itself:
 tool_call_accuracy on the fleet job's held-out tool cases (no system prompt) and
 accuracy_retention, that accuracy over the uncompressed model's (DESIGN.md §6). Writes
 benchmarks/results/compress.json.
@@ -102,15 +102,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument(
-        "--fidelity-text",
-        choices=["job", "manual"],
-        default="job",
-        help="job: the job's held-out conversations, as `validating` measures them; manual: the manual's tail",
-    )
-    parser.add_argument(
-        "--eval-tokens", type=int, default=512, help="the manual's last tokens (--fidelity-text manual)"
-    )
+    parser.add_argument("--eval-tokens", type=int, default=512, help="the manual tail's length (second ppl Δ)")
     parser.add_argument("--job", default=str(ROOT / "examples" / "fleet-assistant.yaml"))
     parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--no-pruning", action="store_true", help="skip the pruned rows (they take longest)")
@@ -129,10 +121,10 @@ def main() -> None:
     system_prompt = render_system_prompt(spec.persona, spec.tools)
     queries = (QUERIES * ((args.requests + len(QUERIES) - 1) // len(QUERIES)))[: args.requests]
     tokenizer = load_tokenizer(Path(args.model))
-    if args.fidelity_text == "job":  # DESIGN.md §6 fidelity exactly as the job's `validating` reports it
-        sequences = heldout_sequences(split_spec(spec), tokenizer)
-    else:
-        sequences = [tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"][-args.eval_tokens :]]
+    # DESIGN.md §6 fidelity exactly as the job's `validating` reports it, and beside it the ppl
+    # change on the manual's tail, the text entries before 2026-11-27 measured it on
+    sequences = heldout_sequences(split_spec(spec), tokenizer)
+    manual_tail = [tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"][-args.eval_tokens :]]
 
     def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
         if not compiled:
@@ -173,6 +165,7 @@ def main() -> None:
     def measure(name: str, final: Any, scheme: dict[str, Any], built: float, compiled: bool = False) -> dict[str, Any]:
         accuracy = tool_accuracy(final, tokenizer, heldout, spec.tools).accuracy
         agreement = text_fidelity(model, final, sequences)
+        agreement["ppl_delta_manual"] = text_fidelity(model, final, manual_tail)["ppl_delta"]
         lat = timed(final, conversations, compiled)
         return {
             "candidate": name,
@@ -265,8 +258,8 @@ def main() -> None:
     where = f"{args.threads} CPU threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(
         f"\n{where}, {args.requests} requests x {args.new_tokens} new tokens; "
-        f"fidelity on {rows[0]['tokens']} tokens of {args.fidelity_text} text vs fp32 "
-        f"(ppl {rows[0]['ppl_reference']:.2f})"
+        f"fidelity vs fp32 on {rows[0]['tokens']} tokens of the job's held-out conversations "
+        f"(ppl {rows[0]['ppl_reference']:.2f}); 'manual': ppl_delta on the manual's last {args.eval_tokens} tokens"
     )
     print(HEADER)
     print(f"{'original bf16+prompt':<44} {'':>7} {'':>8} {base['p50']:>7.0f} {base['p95']:>7.0f} {1.0:>7.2f}x")
@@ -286,7 +279,7 @@ def main() -> None:
 
 HEADER = (
     f"{'candidate':<44} {'MB':>7} {'vs fp32':>8} {'p50 ms':>7} {'p95 ms':>7} {'speedup':>8} "
-    f"{'top1':>6} {'KL':>7} {'ppl_delta':>9} {'tool_acc':>8} {'retention':>9}"
+    f"{'top1':>6} {'KL':>7} {'ppl_delta':>9} {'manual':>7} {'tool_acc':>8} {'retention':>9}"
 )
 
 
@@ -295,7 +288,8 @@ def print_row(r: dict[str, Any]) -> None:
     print(
         f"{r['candidate']:<44} {r['weight_bytes'] / 1e6:>7.1f} {r['compression_vs_fp32']:>8.1%} "
         f"{r['p50_ms']:>7.1f} {r['p95_ms']:>7.1f} {r['speedup']:>7.2f}x {r['top1_agreement']:>6.3f} "
-        f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%} {r['tool_call_accuracy']:>8.3f} {retention:>9}",
+        f"{r['kl']:>7.4f} {r['ppl_delta']:>+9.2%} {r['ppl_delta_manual']:>+7.2%} {r['tool_call_accuracy']:>8.3f} "
+        f"{retention:>9}",
         flush=True,
     )
 
