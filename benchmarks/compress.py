@@ -123,7 +123,8 @@ def main() -> None:
     tokenizer = load_tokenizer(Path(args.model))
     # DESIGN.md §6 fidelity exactly as the job's `validating` reports it, and beside it the ppl
     # change on the manual's tail, the text entries before 2026-11-27 measured it on
-    sequences = heldout_sequences(split_spec(spec), tokenizer)
+    split = split_spec(spec)  # the job's split, as `validating` measures on it
+    sequences = heldout_sequences(split, tokenizer)
     manual_tail = [tokenizer((ROOT / "examples" / "vehicle_manual.md").read_text())["input_ids"][-args.eval_tokens :]]
 
     def timed(model: Any, conversations: list[list[Any]], compiled: bool) -> dict[str, Any]:
@@ -158,7 +159,7 @@ def main() -> None:
     model = load_model(Path(args.model), device)  # fp32: the uncompressed reference
     fp32_bytes = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * 4
     conversations = [[{"role": "user", "content": q}] for q in queries]
-    heldout = split_spec(spec).heldout_tools  # the job's held-out tool cases, as `validating` measures them
+    heldout = split.heldout_tools
     reference_accuracy = tool_accuracy(model, tokenizer, heldout, spec.tools).accuracy
     print(f"uncompressed (fp32) tool_call_accuracy on {len(heldout)} held-out cases: {reference_accuracy:.3f}")
 
@@ -208,7 +209,7 @@ def main() -> None:
 
     # the recovery text leaves out the tail that fidelity is measured on; GPTQ calibrates on
     # the same training conversations + text as the pipeline gives it
-    data = recovery_data(tokenizer, split_spec(spec), heldout_tokens=args.eval_tokens)
+    data = recovery_data(tokenizer, split, heldout_tokens=args.eval_tokens)
     chosen = [c for c in CANDIDATES if not args.only or c.name in args.only.split(";")]
     # the GPU-only rows first: on a lent machine time is short (bf16 compiled here only when the
     # candidates below leave it out; they time every chosen candidate's compiled path themselves)
