@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from baking.toolcalls import content_words
 from core.spec import BakeJobSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -172,12 +173,25 @@ def test_answers_are_at_most_three_sentences(spec: BakeJobSpec) -> None:
     assert not too_long
 
 
-def test_search_queries_are_keyword_phrases_from_the_user(spec: BakeJobSpec) -> None:
+# Filler words the search queries drop besides the checker's stopwords.
+QUERY_FILLERS = {"pls", "thx", "hey", "hi", "ok", "so", "just", "s"}
+# The two questions whose full query would rank another passage first keep a shorter one.
+SHORTER_QUERIES = {
+    "Lane assist and adaptive cruise are unavailable in heavy snow, is something broken?",
+    "Should the coolant be checked with the engine hot or cold?",
+}
+
+
+def test_search_queries_are_the_users_own_content_words(spec: BakeJobSpec) -> None:
     for ex in tool(spec, "search_manual").examples:
         q = ex.arguments["query"]
-        assert 1 <= len(q.split()) <= 8 and not q.endswith("?"), q
-        # Every keyword comes from the user's own words, so the baked model can copy it.
+        assert q and not q.endswith("?"), q
+        # Every keyword comes from the user's own words, so the baked model can copy it ...
         assert set(fleet_tools.tokenize(q)) <= set(fleet_tools.tokenize(ex.query)), (q, ex.query)
+        # ... and it copies all of them: which two or three words a person would keep is a choice
+        # a 135M model did not learn; copying it does (README, Measured).
+        if ex.query not in SHORTER_QUERIES:
+            assert content_words(ex.query) - content_words(q) <= QUERY_FILLERS, (q, ex.query)
         assert ex.result["results"], ex.query
         assert all(p["section"] == ex.arguments["section"] for p in ex.result["results"])
 
