@@ -12,7 +12,16 @@ from typing import Any
 import torch
 
 from baking.chat import Message, encode_conversation, with_system
-from baking.data import Split, ToolCase, demonstration, max_sentences, normalize, sentences, tool_conversation
+from baking.data import (
+    Split,
+    ToolCase,
+    demonstration,
+    max_sentences,
+    normalize,
+    sentences,
+    tool_call_text,
+    tool_conversation,
+)
 from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
 from baking.toolcalls import arguments_match, content_words, has_tool_call, parse_first_call, validate_call
@@ -85,6 +94,19 @@ def score_tool_outputs(cases: Sequence[ToolCase], outputs: Sequence[str], tools:
     return ToolEval(correct / total if total else 0.0, correct, total, valid / emitted if emitted else 1.0, samples)
 
 
+# Generation budget for a tool call: the longest expected call and some slack, so a right call
+# with long arguments is never scored wrong for being cut off; never below the 64 tokens every
+# fleet-job figure was measured with (its longest call is 62 tokens with the close tag).
+MIN_CALL_TOKENS = 64
+CALL_TOKEN_SLACK = 16
+
+
+def call_token_budget(tokenizer: Any, cases: Sequence[ToolCase]) -> int:
+    """New tokens to generate when scoring `cases`: the longest expected call + 16, at least 64."""
+    longest = max((len(tokenizer.encode(tool_call_text(c), add_special_tokens=False)) for c in cases), default=0)
+    return max(MIN_CALL_TOKENS, longest + CALL_TOKEN_SLACK)
+
+
 def tool_accuracy(
     model: Any,
     tokenizer: Any,
@@ -92,10 +114,11 @@ def tool_accuracy(
     tools: Sequence[ToolSpec],
     *,
     system: str | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,  # None: call_token_budget(cases)
 ) -> ToolEval:
+    budget = max_new_tokens if max_new_tokens is not None else call_token_budget(tokenizer, cases)
     outputs = generate_replies(
-        model, tokenizer, [with_system(system, user(c.query)) for c in cases], max_new_tokens=max_new_tokens
+        model, tokenizer, [with_system(system, user(c.query)) for c in cases], max_new_tokens=budget
     )
     return score_tool_outputs(cases, outputs, tools)
 
