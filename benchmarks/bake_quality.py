@@ -5,7 +5,8 @@ DESIGN.md §6 beside the baseline (the original model given the full system prom
         [--name NAME] [--mix tools=0.5,answers=0.03,demos=0.12,distill=0.35] [--embedding-noise 5]
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
-it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request.
+it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request,
+and scores it on benchmarks/fleet_probes.yaml (questions in no job: benchmarks/fleet_probes.py).
 Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
 (bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
 run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`,
@@ -26,7 +27,11 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from baking import BakeEvent, bake  # noqa: E402
+from baking.load import load_model, load_tokenizer  # noqa: E402
+from benchmarks.fleet_probes import score_probes  # noqa: E402
 
 ROWS = [  # (metric, baseline metric, what it is)
     ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
@@ -156,6 +161,18 @@ def main() -> None:
         generated = model.generate(**ids, max_new_tokens=64, do_sample=False)
         report["merged_answers"][q] = tok.decode(generated[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"  Q: {q}\n  A: {report['merged_answers'][q]}")
+    probes = score_probes(load_model(merged, torch.device("cpu")), load_tokenizer(merged))
+    report["probes"] = {k: v for k, v in probes.items() if not k.endswith("samples")}
+    per_tool = ", ".join(f"{k} {v:.3f}" for k, v in probes["probe_tool_call_accuracy_per_tool"].items())
+    print(
+        f"\nbenchmarks/fleet_probes.yaml (in no job): tool calls {probes['probe_tool_call_accuracy']:.3f}"
+        f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}"
+    )
+    for s in probes["probe_samples"]:
+        if not s["correct"]:
+            print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
+    samples["probe_samples"] = probes["probe_samples"] + probes["probe_no_call_samples"]
+    (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out} and the per-case samples beside it")
 

@@ -309,3 +309,35 @@ def test_bm25_scores() -> None:
     assert bm25.score(["oil"], 1) > 0.0 == bm25.score(["oil"], 0)
     assert bm25.score(["brake"], 0) > bm25.score(["brake"], 2)  # higher tf, shorter document
     assert fleet_tools.search_manual("zzzz qqqq", "engine") == {"results": []}
+
+
+# --- benchmarks/fleet_probes.yaml: fixed questions scored beside the held-out split ----------
+
+PROBES = EXAMPLES.parent / "benchmarks" / "fleet_probes.yaml"
+
+
+@pytest.fixture(scope="module")
+def probes() -> dict[str, Any]:
+    return yaml.safe_load(PROBES.read_text(encoding="utf-8"))
+
+
+def test_probes_are_in_no_job(spec: BakeJobSpec, probes: dict[str, Any]) -> None:
+    assert spec.persona is not None
+    known = {norm(ex.query) for t in spec.tools for ex in t.examples}
+    known |= {norm(q) for q in spec.irrelevant_examples + spec.persona.sample_queries}
+    known |= {norm(e.user) for e in spec.persona.examples}
+    asked = [p["query"] for p in probes["tool_calls"]] + probes["no_call"]
+    assert not [q for q in asked if norm(q) in known]
+    assert len({norm(q) for q in asked}) == len(asked)
+
+
+def test_probe_calls_are_valid_and_run(spec: BakeJobSpec, probes: dict[str, Any]) -> None:
+    from baking.toolcalls import ParsedCall, validate_call
+
+    counts = Counter(p["tool"] for p in probes["tool_calls"])
+    assert set(counts) == {t.name for t in spec.tools} and min(counts.values()) >= 10
+    for p in probes["tool_calls"]:
+        assert not validate_call(ParsedCall(p["tool"], p["arguments"]), spec.tools), p
+        result = fleet_tools.execute(p["tool"], p["arguments"])
+        if p["tool"] == "search_manual":  # the key phrase finds passages in the expected section
+            assert result["results"] and all(r["section"] == p["arguments"]["section"] for r in result["results"])

@@ -1,0 +1,91 @@
+"""Score baked models on benchmarks/fleet_probes.yaml: fixed fleet-job questions no job trains on.
+
+    .venv/bin/python benchmarks/fleet_probes.py MERGED_DIR [MERGED_DIR ...]
+
+Each MERGED_DIR is an artifact's merged/ (plain transformers). The probes are scored with the
+shipped job's tools and argument rules, with no system prompt, greedy, as the job's own held-out
+cases are; a no-call probe is right when the reply holds no call. Prints accuracy per tool, the
+no-call share, and the probes on which the models disagree; writes
+benchmarks/results/fleet_probes.json. `benchmarks/bake_quality.py` runs the same scoring on the
+model it bakes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from baking.data import ToolCase  # noqa: E402
+from baking.evaluate import irrelevance_accuracy, tool_accuracy  # noqa: E402
+from baking.load import load_model, load_tokenizer  # noqa: E402
+from baking.spec import BakeSpec  # noqa: E402
+
+PROBES = ROOT / "benchmarks" / "fleet_probes.yaml"
+JOB = ROOT / "examples" / "fleet-assistant.yaml"
+
+
+def load_probes(path: Path = PROBES) -> tuple[list[ToolCase], list[str]]:
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    cases = [ToolCase(p["tool"], p["query"], dict(p["arguments"])) for p in raw["tool_calls"]]
+    return cases, list(raw["no_call"])
+
+
+def score_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Per-tool and overall probe accuracy, the no-call share, and every probe's output."""
+    cases, no_call = load_probes()
+    tools = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8"))).tools
+    calls = tool_accuracy(model, tokenizer, cases, tools)
+    quiet, quiet_samples = irrelevance_accuracy(model, tokenizer, no_call)
+    per_tool = {
+        name: sum(s["correct"] for s in calls.samples if s["expected"]["name"] == name)
+        / sum(s["expected"]["name"] == name for s in calls.samples)
+        for name in sorted({c.tool for c in cases})
+    }
+    return {
+        "probe_tool_call_accuracy": calls.accuracy,
+        "probe_tool_call_accuracy_per_tool": per_tool,
+        "probe_no_call_accuracy": quiet,
+        "probe_samples": calls.samples,
+        "probe_no_call_samples": quiet_samples,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("merged", nargs="+", help="an artifact's merged/ directory")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {}
+    for model_dir in args.merged:
+        model = load_model(Path(model_dir), torch.device("cpu"))
+        results[model_dir] = score_probes(model, load_tokenizer(Path(model_dir)))
+        r = results[model_dir]
+        tools = ", ".join(f"{k} {v:.3f}" for k, v in r["probe_tool_call_accuracy_per_tool"].items())
+        print(
+            f"{model_dir}: tool calls {r['probe_tool_call_accuracy']:.3f} ({tools}); "
+            f"no call {r['probe_no_call_accuracy']:.3f}"
+        )
+    if len(results) > 1:
+        print("probes the models disagree on:")
+        samples = [r["probe_samples"] for r in results.values()]
+        for row in zip(*samples, strict=True):
+            if len({s["correct"] for s in row}) > 1:
+                print(f"  {row[0]['query']!r}: " + " | ".join(f"{s['correct']}: {s['output'][:80]!r}" for s in row))
+    out = ROOT / "benchmarks" / "results" / "fleet_probes.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
