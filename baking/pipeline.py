@@ -344,13 +344,17 @@ def calibration_probes(persona: PersonaSpec, train_split: bdata.Split) -> list[P
     """The search's guideline probes: identity, some training demonstrations that refuse, and a
     few training persona queries (refusal probes where the demonstrations refuse them)."""
     refusing = [e for e in train_split.train_persona_examples if REFUSAL.search(e.assistant)]
-    return guideline_probes(
+    probes = guideline_probes(
         persona,
         refusing[:CALIBRATION_REFUSALS],
         train_split.train_persona_queries[:CALIBRATION_PERSONA_QUERIES],
         training_texts=(),
         demos=train_split.train_persona_examples,
     )
+    # A fixed identity probe can be one of the job's own held-out questions ("Are you ChatGPT?"):
+    # the search must not tune on what `validating` reports.
+    held_out = {bdata.text_hash(t) for t in train_split.heldout_texts()}
+    return [p for p in probes if bdata.text_hash(p.query) not in held_out]
 
 
 def _optimize(
