@@ -11,6 +11,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,40 +82,56 @@ class LeakError(ValueError):
     pass
 
 
-def _split_list(items: list[Any], fraction: float, rng: random.Random, *, min_heldout: int) -> tuple[list, list]:
-    order = list(range(len(items)))
-    rng.shuffle(order)
+def _split_rank(seed: int, text: str) -> str:
+    return hashlib.sha256(f"{seed}\0{normalize(text)}".encode()).hexdigest()
+
+
+def _split_list(
+    items: list[Any], text_of: Callable[[Any], str], fraction: float, seed: int, *, min_heldout: int
+) -> tuple[list, list]:
+    """Hold out the ceil(fraction * n) items whose seeded hash of their (normalised) text ranks
+    lowest. A hash rank, not a shuffle, so that adding or removing examples leaves every other
+    item on its side of the split (at most one moves, where the held-out count grows or
+    shrinks): two revisions of a job are scored on nearly the same held-out cases."""
     if len(items) < 2:
         return list(items), []
     n_out = min(len(items) - 1, max(min_heldout, math.ceil(fraction * len(items))))
-    held = sorted(order[:n_out])
-    held_set = set(held)
-    return [items[i] for i in range(len(items)) if i not in held_set], [items[i] for i in held]
+    order = sorted(range(len(items)), key=lambda i: (_split_rank(seed, text_of(items[i])), i))
+    held = set(order[:n_out])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 
 def split_spec(spec: BakeSpec) -> Split:
     """Deterministic train/held-out split by seed: >= fraction held out, >= 1 per tool."""
     fraction = spec.preset.heldout_fraction
-    rng = random.Random(spec.training.seed)
+    seed = spec.training.seed
     split = Split()
     for tool in spec.tools:
         cases = [ToolCase(tool.name, e.query, dict(e.arguments), e.result, e.answer) for e in tool.examples]
-        train, held = _split_list(cases, fraction, rng, min_heldout=1)
+        train, held = _split_list(cases, _case_query, fraction, seed, min_heldout=1)
         split.train_tools += train
         split.heldout_tools += held
     split.train_irrelevant, split.heldout_irrelevant = _split_list(
-        list(spec.irrelevant_examples), fraction, rng, min_heldout=1
+        list(spec.irrelevant_examples), str, fraction, seed, min_heldout=1
     )
     if spec.persona is not None:
         split.train_persona_queries, split.heldout_persona_queries = _split_list(
-            list(spec.persona.sample_queries), fraction, rng, min_heldout=1
+            list(spec.persona.sample_queries), str, fraction, seed, min_heldout=1
         )
         split.train_persona_examples, split.heldout_persona_examples = _split_list(
-            list(spec.persona.examples), fraction, rng, min_heldout=1
+            list(spec.persona.examples), _example_user, fraction, seed, min_heldout=1
         )
     _drop_duplicates_of_heldout(split)
     check_no_leak(split)
     return split
+
+
+def _case_query(case: ToolCase) -> str:
+    return case.query
+
+
+def _example_user(example: PersonaExample) -> str:
+    return example.user
 
 
 def _drop_duplicates_of_heldout(split: Split) -> None:

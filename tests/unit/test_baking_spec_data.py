@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -63,6 +64,22 @@ def test_split_is_deterministic_and_holds_out_enough(fleet_dict: dict) -> None:
         assert len(held) >= max(1, 0.2 * len(tool.examples))
     other = split_spec(BakeSpec.from_dict({**fleet_dict, "training": {**fleet_dict["training"], "seed": 7}}))
     assert [c.query for c in other.heldout_tools] != [c.query for c in a.heldout_tools]
+
+
+def test_adding_examples_keeps_the_other_cases_on_their_side_of_the_split(fleet_dict: dict) -> None:
+    """Two revisions of a job are scored on nearly the same held-out cases."""
+    before = split_spec(BakeSpec.from_dict(fleet_dict))
+    grown = copy.deepcopy(fleet_dict)
+    signal = next(t for t in grown["tools"] if t["name"] == "get_vehicle_signal")
+    added = [f"Read signal number {n} for me, {word}." for n, word in enumerate(["please", "now", "quickly", "thanks"])]
+    signal["examples"] += [{"query": q, "arguments": {"signal": "speed"}} for q in added]
+    after = split_spec(BakeSpec.from_dict(grown))
+    old_held = {c.query for c in before.heldout_tools}
+    new_held = {c.query for c in after.heldout_tools} - set(added)
+    assert len(old_held ^ new_held) <= 1  # the held-out count of one tool grew by at most one
+    assert {c.query for c in before.heldout_tools if c.tool != "get_vehicle_signal"} <= new_held
+    assert before.heldout_persona_queries == after.heldout_persona_queries
+    assert before.heldout_irrelevant == after.heldout_irrelevant
 
 
 def test_heldout_never_overlaps_training_even_after_augmentation(fleet_dict: dict) -> None:
