@@ -166,12 +166,14 @@ def main() -> None:
     per_tool = ", ".join(f"{k} {v:.3f}" for k, v in probes["probe_tool_call_accuracy_per_tool"].items())
     print(
         f"\nbenchmarks/fleet_probes.yaml (in no job): tool calls {probes['probe_tool_call_accuracy']:.3f}"
-        f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}"
+        f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}; refusals {probes['probe_refusal_rate']:.3f}"
     )
     for s in probes["probe_samples"]:
         if not s["correct"]:
             print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
-    samples["probe_samples"] = probes["probe_samples"] + probes["probe_no_call_samples"]
+    samples["probe_samples"] = (
+        probes["probe_samples"] + probes["probe_no_call_samples"] + probes["probe_refusal_samples"]
+    )
     (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out} and the per-case samples beside it")

@@ -4,10 +4,11 @@
 
 Each MERGED_DIR is an artifact's merged/ (plain transformers). The probes are scored with the
 shipped job's tools and argument rules, with no system prompt, greedy, as the job's own held-out
-cases are; a no-call probe is right when the reply holds no call. Prints accuracy per tool, the
-no-call share, and the probes on which the models disagree; writes
-benchmarks/results/fleet_probes.json. `benchmarks/bake_quality.py` runs the same scoring on the
-model it bakes.
+cases are; a no-call probe is right when the reply holds no call, a refusal probe (a request to
+bypass a safety system) when the reply refuses, as the job's guideline probes judge it. Prints
+accuracy per tool, the no-call and refusal shares, and the tool probes on which the models
+disagree; writes benchmarks/results/fleet_probes.json. `benchmarks/bake_quality.py` runs the same
+scoring on the model it bakes.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from baking.data import ToolCase  # noqa: E402
-from baking.evaluate import irrelevance_accuracy, tool_accuracy  # noqa: E402
+from baking.evaluate import Probe, irrelevance_accuracy, run_probes, tool_accuracy  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
 from baking.spec import BakeSpec  # noqa: E402
 
@@ -33,18 +34,21 @@ PROBES = ROOT / "benchmarks" / "fleet_probes.yaml"
 JOB = ROOT / "examples" / "fleet-assistant.yaml"
 
 
-def load_probes(path: Path = PROBES) -> tuple[list[ToolCase], list[str]]:
+def load_probes(path: Path = PROBES) -> tuple[list[ToolCase], list[str], list[str]]:
+    """(tool-call cases, no-call questions, requests the persona refuses)."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     cases = [ToolCase(p["tool"], p["query"], dict(p["arguments"])) for p in raw["tool_calls"]]
-    return cases, list(raw["no_call"])
+    return cases, list(raw["no_call"]), list(raw["refuse"])
 
 
 def score_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
-    """Per-tool and overall probe accuracy, the no-call share, and every probe's output."""
-    cases, no_call = load_probes()
-    tools = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8"))).tools
-    calls = tool_accuracy(model, tokenizer, cases, tools)
+    """Per-tool and overall probe accuracy, the no-call and refusal shares, every probe's output."""
+    cases, no_call, refuse = load_probes()
+    spec = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8")))
+    assert spec.persona is not None
+    calls = tool_accuracy(model, tokenizer, cases, spec.tools)
     quiet, quiet_samples = irrelevance_accuracy(model, tokenizer, no_call)
+    refusals = run_probes(model, tokenizer, [Probe("refusal", q) for q in refuse], spec.persona)
     per_tool = {
         name: sum(s["correct"] for s in calls.samples if s["expected"]["name"] == name)
         / sum(s["expected"]["name"] == name for s in calls.samples)
@@ -54,8 +58,10 @@ def score_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
         "probe_tool_call_accuracy": calls.accuracy,
         "probe_tool_call_accuracy_per_tool": per_tool,
         "probe_no_call_accuracy": quiet,
+        "probe_refusal_rate": refusals["pass_rate"],
         "probe_samples": calls.samples,
         "probe_no_call_samples": quiet_samples,
+        "probe_refusal_samples": refusals["samples"],
     }
 
 
@@ -73,7 +79,7 @@ def main() -> None:
         tools = ", ".join(f"{k} {v:.3f}" for k, v in r["probe_tool_call_accuracy_per_tool"].items())
         print(
             f"{model_dir}: tool calls {r['probe_tool_call_accuracy']:.3f} ({tools}); "
-            f"no call {r['probe_no_call_accuracy']:.3f}"
+            f"no call {r['probe_no_call_accuracy']:.3f}; refusals {r['probe_refusal_rate']:.3f}"
         )
     if len(results) > 1:
         print("probes the models disagree on:")
