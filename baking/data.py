@@ -90,9 +90,9 @@ def _split_list(
     items: list[Any], text_of: Callable[[Any], str], fraction: float, seed: int, *, min_heldout: int
 ) -> tuple[list, list]:
     """Hold out the ceil(fraction * n) items whose seeded hash of their (normalised) text ranks
-    lowest. A hash rank, not a shuffle, so that adding or removing examples leaves every other
-    item on its side of the split (at most one moves, where the held-out count grows or
-    shrinks): two revisions of a job are scored on nearly the same held-out cases."""
+    lowest. A hash rank, not a shuffle, so that adding or removing an example moves at most one
+    other item across the split (where the held-out count changes, or the new item ranks in):
+    two revisions of a job are scored on nearly the same held-out cases."""
     if len(items) < 2:
         return list(items), []
     n_out = min(len(items) - 1, max(min_heldout, math.ceil(fraction * len(items))))
