@@ -267,11 +267,35 @@ def _collapse(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+# Endings that change a word's form, not its topic: "rotated" and "rotation" are one keyword.
+# One of these is cut (after the plural s), then a final e, each only where three letters stay.
+# Written by hand, not a Snowball/Porter stemmer, because baking/ runs where only torch,
+# transformers, peft and safetensors are installed; both sides of a comparison are cut alike, so
+# a crude cut costs nothing as long as two different topics do not meet on one stem.
+_KEYWORD_ENDINGS = ("ment", "ing", "ion", "ed")
+
+
+def keyword_stem(word: str) -> str:
+    """The part of a content word the keywords rule compares: tires, tire -> tir; rotation, rotated -> rotat."""
+    word = _stem(word)
+    for ending in _KEYWORD_ENDINGS:
+        if word.endswith(ending) and len(word) - len(ending) >= 3:
+            word = word[: -len(ending)]
+            break
+    if word.endswith("e") and len(word) > 3:
+        word = word[:-1]
+    return word
+
+
+def _keywords(text: str) -> set[str]:
+    return {keyword_stem(w) for w in content_words(text)}
+
+
 def _keywords_match(expected: str, actual: str) -> bool:
-    wanted = content_words(expected)
+    wanted = _keywords(expected)
     if not wanted:  # nothing but stopwords: there is no topic to compare, so fall back
         return _collapse(expected) == _collapse(actual)
-    found = len(wanted & content_words(actual))
+    found = len(wanted & _keywords(actual))
     return found >= 1 and found / len(wanted) >= KEYWORD_THRESHOLD
 
 

@@ -220,6 +220,16 @@ def test_keywords_accepts_paraphrase_and_rejects_unrelated() -> None:
     assert not arguments_match(expected, {"query": "brake"}, SEARCH)  # 1 of 3 is under 60%
 
 
+def test_keywords_compare_a_words_forms_alike() -> None:
+    # A copy of the question keeps its own word forms; the topic is the same.
+    assert arguments_match({"query": "tire rotation"}, {"query": "often tires rotated"}, SEARCH)
+    assert arguments_match({"query": "brake pad replacement"}, {"query": "replacing worn brake pads"}, SEARCH)
+    assert arguments_match({"query": "camera calibration"}, {"query": "calibrate front camera"}, SEARCH)
+    # Different topics stay apart after the endings are cut.
+    assert not arguments_match({"query": "fuel level"}, {"query": "fuse box"}, SEARCH)
+    assert not arguments_match({"query": "coolant temperature"}, {"query": "seat cooling"}, SEARCH)
+
+
 def test_expression() -> None:
     assert arguments_match({"expression": "(120*1.5)"}, {"expression": "180"}, CALC)
     assert arguments_match({"expression": "180"}, {"expression": " 120 * 1.5 "}, CALC)
