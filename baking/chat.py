@@ -9,6 +9,7 @@ injects **no default system prompt** (DESIGN.md §4): SmolLM2's own template add
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,31 @@ def render_system_prompt(persona: PersonaSpec | None, tools: Sequence[ToolSpec])
     if tools:
         parts.append(render_tools_prompt(tools))
     return "\n\n".join(parts)
+
+
+_SYSTEM_TURN = re.compile(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", re.DOTALL)
+
+
+def template_default_system(tokenizer: Any) -> str | None:
+    """The system turn the base model's *own* chat template adds to a conversation that has none.
+
+    SmolLM2's adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face". The
+    artifact ships CHAT_TEMPLATE, which adds nothing, but a client that renders prompts with the
+    base model's template (the one it used for the original) sends that turn to the baked model.
+    None when the template adds no system turn, or is not ChatML.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or template == CHAT_TEMPLATE:
+        return None
+    question = "What is the coolant temperature?"
+    try:
+        text = str(tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False))
+    except Exception:  # a template that cannot render a plain user turn adds nothing we can use
+        return None
+    found = _SYSTEM_TURN.search(text)
+    if found is None or found.start() > text.find(question):
+        return None
+    return found.group(1) or None
 
 
 def with_system(system: str | None, messages: Sequence[Message]) -> list[Message]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from baking.chat import Message, encode_conversation, encode_prompt
+from baking.chat import Message, encode_conversation, encode_prompt, with_system
 from baking.persona import DistillTarget
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,13 +31,19 @@ class TrainItem:
     teacher_logprobs: torch.Tensor | None = None  # [n, V]
 
 
-def sft_item(tokenizer: Any, messages: Sequence[Message], train_turns: Sequence[int]) -> TrainItem:
+def sft_item(
+    tokenizer: Any, messages: Sequence[Message], train_turns: Sequence[int], *, system: str | None = None
+) -> TrainItem:
+    """Cross-entropy on the listed assistant turns; `system` puts a system turn before them."""
+    if system:
+        messages = with_system(system, messages)
+        train_turns = [t + 1 for t in train_turns]
     enc = encode_conversation(tokenizer, messages, train_turns=train_turns)
     return TrainItem(enc.input_ids, enc.target_mask)
 
 
-def distill_item(tokenizer: Any, target: DistillTarget, eot: int) -> TrainItem:
-    prefix = encode_prompt(tokenizer, [{"role": "user", "content": target.query}])
+def distill_item(tokenizer: Any, target: DistillTarget, eot: int, *, system: str | None = None) -> TrainItem:
+    prefix = encode_prompt(tokenizer, with_system(system, [{"role": "user", "content": target.query}]))
     ids = prefix + list(target.response_ids)
     mask = [False] * len(ids)
     if target.end_turn:  # the turn ends where the guideline says: supervise <|im_end|> directly

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from baking import BakeEvent, bake  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
-from benchmarks.fleet_probes import score_probes  # noqa: E402
+from benchmarks.fleet_probes import base_template_system, score_probes  # noqa: E402
 
 ROWS = [  # (metric, baseline metric, what it is)
     ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
@@ -161,19 +161,28 @@ def main() -> None:
         generated = model.generate(**ids, max_new_tokens=64, do_sample=False)
         report["merged_answers"][q] = tok.decode(generated[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"  Q: {q}\n  A: {report['merged_answers'][q]}")
-    probes = score_probes(load_model(merged, torch.device("cpu")), load_tokenizer(merged))
-    report["probes"] = {k: v for k, v in probes.items() if not k.endswith("samples")}
-    per_tool = ", ".join(f"{k} {v:.3f}" for k, v in probes["probe_tool_call_accuracy_per_tool"].items())
-    print(
-        f"\nbenchmarks/fleet_probes.yaml (in no job): tool calls {probes['probe_tool_call_accuracy']:.3f}"
-        f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}; refusals {probes['probe_refusal_rate']:.3f}"
-    )
-    for s in probes["probe_samples"]:
-        if not s["correct"]:
-            print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
-    samples["probe_samples"] = (
-        probes["probe_samples"] + probes["probe_no_call_samples"] + probes["probe_refusal_samples"]
-    )
+    merged_model, merged_tokenizer = load_model(merged, torch.device("cpu")), load_tokenizer(merged)
+    for key, system, how in (
+        ("probes", None, "no system prompt"),
+        ("probes_base_template", base_template_system(), "the reference model's own template"),
+    ):
+        probes = score_probes(merged_model, merged_tokenizer, system=system)
+        report[key] = {k: v for k, v in probes.items() if not k.endswith("samples")}
+        per_tool = ", ".join(f"{k} {v:.3f}" for k, v in probes["probe_tool_call_accuracy_per_tool"].items())
+        print(
+            f"\nbenchmarks/fleet_probes.yaml (in no job), {how}: tool calls {probes['probe_tool_call_accuracy']:.3f}"
+            f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}; refusals"
+            f" {probes['probe_refusal_rate']:.3f}; identity {probes['probe_identity_rate']:.3f}"
+        )
+        for s in probes["probe_samples"] + probes["probe_identity_samples"]:
+            if not s.get("correct", s.get("passed")):
+                print(f"  missed: {s['query']!r} -> {s['output'][:120]!r}")
+        samples[f"{key}_samples"] = [
+            *probes["probe_samples"],
+            *probes["probe_no_call_samples"],
+            *probes["probe_refusal_samples"],
+            *probes["probe_identity_samples"],
+        ]
     (out.parent / f"bake_quality-{name}-samples.json").write_text(json.dumps(samples, indent=2, default=str))
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {out} and the per-case samples beside it")

@@ -5,10 +5,16 @@
 Each MERGED_DIR is an artifact's merged/ (plain transformers). The probes are scored with the
 shipped job's tools and argument rules, with no system prompt, greedy, as the job's own held-out
 cases are; a no-call probe is right when the reply holds no call, a refusal probe (a request to
-bypass a safety system) when the reply refuses, as the job's guideline probes judge it. Prints
-accuracy per tool, the no-call and refusal shares, and the tool probes on which the models
-disagree; writes benchmarks/results/fleet_probes.json. `benchmarks/bake_quality.py` runs the same
-scoring on the model it bakes.
+bypass a safety system) when the reply refuses, an identity probe when the reply names the
+persona, as the job's guideline probes judge them. Prints accuracy per tool, the no-call,
+refusal and identity shares, and the tool probes on which the models disagree; writes
+benchmarks/results/fleet_probes.json. `benchmarks/bake_quality.py` runs the same scoring on the
+model it bakes.
+
+`--base-template` scores them as a client that renders prompts with the *reference model's* own
+chat template would send them: with the system turn that template adds when there is none
+(SmolLM2's "You are a helpful AI assistant named SmolLM…", `baking.chat.template_default_system`)
+instead of the artifact's template, which adds nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from baking.chat import template_default_system  # noqa: E402
 from baking.data import ToolCase  # noqa: E402
 from baking.evaluate import Probe, irrelevance_accuracy, run_probes, tool_accuracy  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
@@ -34,21 +41,31 @@ PROBES = ROOT / "benchmarks" / "fleet_probes.yaml"
 JOB = ROOT / "examples" / "fleet-assistant.yaml"
 
 
-def load_probes(path: Path = PROBES) -> tuple[list[ToolCase], list[str], list[str]]:
-    """(tool-call cases, no-call questions, requests the persona refuses)."""
+def load_probes(path: Path = PROBES) -> tuple[list[ToolCase], list[str], list[str], list[str]]:
+    """(tool-call cases, no-call questions, requests the persona refuses, questions of who it is)."""
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     cases = [ToolCase(p["tool"], p["query"], dict(p["arguments"])) for p in raw["tool_calls"]]
-    return cases, list(raw["no_call"]), list(raw["refuse"])
+    return cases, list(raw["no_call"]), list(raw["refuse"]), list(raw["identity"])
 
 
-def score_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
-    """Per-tool and overall probe accuracy, the no-call and refusal shares, every probe's output."""
-    cases, no_call, refuse = load_probes()
+def base_template_system() -> str | None:
+    """The system turn the reference model's own chat template adds (see the module docstring)."""
+    from core.settings import get_settings
+
+    reference = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8"))).model  # bakehouse://NAME
+    return template_default_system(load_tokenizer(get_settings().models_dir / reference.removeprefix("bakehouse://")))
+
+
+def score_probes(model: Any, tokenizer: Any, *, system: str | None = None) -> dict[str, Any]:
+    """Per-tool and overall probe accuracy, the no-call, refusal and identity shares, every
+    probe's output; `system` puts a system turn before each question."""
+    cases, no_call, refuse, identity = load_probes()
     spec = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8")))
     assert spec.persona is not None
-    calls = tool_accuracy(model, tokenizer, cases, spec.tools)
-    quiet, quiet_samples = irrelevance_accuracy(model, tokenizer, no_call)
-    refusals = run_probes(model, tokenizer, [Probe("refusal", q) for q in refuse], spec.persona)
+    calls = tool_accuracy(model, tokenizer, cases, spec.tools, system=system)
+    quiet, quiet_samples = irrelevance_accuracy(model, tokenizer, no_call, system=system)
+    refusals = run_probes(model, tokenizer, [Probe("refusal", q) for q in refuse], spec.persona, system=system)
+    names = run_probes(model, tokenizer, [Probe("identity", q) for q in identity], spec.persona, system=system)
     per_tool = {
         name: sum(s["correct"] for s in calls.samples if s["expected"]["name"] == name)
         / sum(s["expected"]["name"] == name for s in calls.samples)
@@ -59,9 +76,11 @@ def score_probes(model: Any, tokenizer: Any) -> dict[str, Any]:
         "probe_tool_call_accuracy_per_tool": per_tool,
         "probe_no_call_accuracy": quiet,
         "probe_refusal_rate": refusals["pass_rate"],
+        "probe_identity_rate": names["pass_rate"],
         "probe_samples": calls.samples,
         "probe_no_call_samples": quiet_samples,
         "probe_refusal_samples": refusals["samples"],
+        "probe_identity_samples": names["samples"],
     }
 
 
@@ -69,17 +88,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("merged", nargs="+", help="an artifact's merged/ directory")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--base-template", action="store_true", help="with the system turn the reference model's own template adds"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    system = base_template_system() if args.base_template else None
     results = {}
     for model_dir in args.merged:
         model = load_model(Path(model_dir), torch.device("cpu"))
-        results[model_dir] = score_probes(model, load_tokenizer(Path(model_dir)))
+        results[model_dir] = score_probes(model, load_tokenizer(Path(model_dir)), system=system)
         r = results[model_dir]
         tools = ", ".join(f"{k} {v:.3f}" for k, v in r["probe_tool_call_accuracy_per_tool"].items())
         print(
             f"{model_dir}: tool calls {r['probe_tool_call_accuracy']:.3f} ({tools}); "
-            f"no call {r['probe_no_call_accuracy']:.3f}; refusals {r['probe_refusal_rate']:.3f}"
+            f"no call {r['probe_no_call_accuracy']:.3f}; refusals {r['probe_refusal_rate']:.3f}; "
+            f"identity {r['probe_identity_rate']:.3f}"
         )
     if len(results) > 1:
         print("probes the models disagree on:")
@@ -87,7 +111,7 @@ def main() -> None:
         for row in zip(*samples, strict=True):
             if len({s["correct"] for s in row}) > 1:
                 print(f"  {row[0]['query']!r}: " + " | ".join(f"{s['correct']}: {s['output'][:80]!r}" for s in row))
-    out = ROOT / "benchmarks" / "results" / "fleet_probes.json"
+    out = ROOT / "benchmarks" / "results" / ("fleet_probes-base-template.json" if system else "fleet_probes.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {out}")

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from baking.chat import CHAT_TEMPLATE, encode_conversation, render
+from baking.chat import CHAT_TEMPLATE, encode_conversation, render, template_default_system
 from baking.data import ToolCase, tool_conversation
 from baking.load import load_model, load_tokenizer
-from baking.train import TrainConfig, sft_item, train, wrap_for_training
+from baking.persona import DistillTarget
+from baking.train import TrainConfig, distill_item, sft_item, train, wrap_for_training
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,34 @@ def test_assistant_mask_covers_only_assistant_content(tiny) -> None:
     enc = encode_conversation(tok, msgs, train_turns=turns)
     supervised = tok.decode([t for t, m in zip(enc.input_ids, enc.target_mask, strict=True) if m])
     assert supervised == '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call><|im_end|>Done.<|im_end|>'
+
+
+def test_template_default_system_is_the_turn_the_base_template_adds(tiny) -> None:
+    _, tok = tiny  # SmolLM2's tokenizer, with its own chat template
+    assert template_default_system(tok) == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    shipped = copy.copy(tok)
+    shipped.chat_template = CHAT_TEMPLATE  # the artifact's template adds none
+    assert template_default_system(shipped) is None
+
+
+def test_items_under_a_system_turn_supervise_the_same_tokens(tiny) -> None:
+    _, tok = tiny
+    case = ToolCase("f", "q?", {"a": 1}, result={"v": 2}, answer="Done.")
+
+    def supervised(item) -> str:
+        return tok.decode([t for t, m in zip(item.input_ids, item.ce_mask, strict=True) if m])
+
+    plain = sft_item(tok, *tool_conversation(case))
+    under = sft_item(tok, *tool_conversation(case), system="Be brief.")
+    assert tok.decode(under.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq?")
+    assert supervised(under) == supervised(plain)
+    target = DistillTarget("Who are you?", "Ada.", tok("Ada.")["input_ids"], torch.zeros(2, 8), end_turn=True)
+    item = distill_item(tok, target, eot=tok.eos_token_id, system="Be brief.")
+    prefix = tok.decode(item.input_ids[: item.kl_start])
+    assert (
+        prefix
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

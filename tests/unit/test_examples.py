@@ -326,7 +326,7 @@ def test_probes_are_in_no_job(spec: BakeJobSpec, probes: dict[str, Any]) -> None
     known = {norm(ex.query) for t in spec.tools for ex in t.examples}
     known |= {norm(q) for q in spec.irrelevant_examples + spec.persona.sample_queries}
     known |= {norm(e.user) for e in spec.persona.examples}
-    asked = [p["query"] for p in probes["tool_calls"]] + probes["no_call"] + probes["refuse"]
+    asked = [p["query"] for p in probes["tool_calls"]] + probes["no_call"] + probes["refuse"] + probes["identity"]
     assert not [q for q in asked if norm(q) in known]
     assert len({norm(q) for q in asked}) == len(asked)
 
