@@ -90,7 +90,8 @@ def template_default_system(tokenizer: Any) -> str | None:
 
     SmolLM2's adds "You are a helpful AI assistant named SmolLM, trained by Hugging Face". The
     artifact ships CHAT_TEMPLATE, which adds nothing, but a client that renders prompts with the
-    base model's template (the one it used for the original) sends that turn to the baked model.
+    base model's template (the one it used for the original) sends that turn to the baked model,
+    so training draws a share of its items under it (baking.pipeline.TEMPLATE_SYSTEM_SHARE).
     None when the template adds no system turn, or is not ChatML.
     """
     template = getattr(tokenizer, "chat_template", None)

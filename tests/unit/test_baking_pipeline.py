@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from baking import BakeError, bake, load_artifact
-from baking.events import BakeCancelled
+from baking.events import BakeCancelled, BakeEvent
 from baking.export import verify_artifact
 from baking.fetch import fetch_model
 
@@ -123,13 +123,12 @@ def test_small_bake_writes_merged_model_and_metrics(tiny_model_dir: Path, tmp_pa
         "training": {"steps": 3, "batch_size": 2},
         "optimize": {"quantization": "bf16"},
     }
-    progress = []
-    result = bake(
-        spec,
-        tmp_path / "w",
-        models_dir=tmp_path,
-        on_event=lambda e: progress.append(e) if e.kind == "progress" else None,
-    )
+    events: list[BakeEvent] = []
+    result = bake(spec, tmp_path / "w", models_dir=tmp_path, on_event=events.append)
+    progress = [e for e in events if e.kind == "progress"]
+    # the tiny model carries SmolLM2's template, whose default system turn a share of items trains under
+    finished = next(e for e in events if e.kind == "message" and e.message == "training finished")
+    assert finished.data["pools"]["under_template_system"] > 0
     train_steps = [e for e in progress if e.stage == "baking_tools"]
     assert [e.step for e in train_steps] == [1, 2, 3] and all("loss" in e.data for e in train_steps)
     names = {f.name for f in result.files}
