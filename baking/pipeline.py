@@ -313,7 +313,7 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
     config = TrainConfig(
         steps=spec.training.steps or preset.steps,
         batch_size=spec.training.batch_size or preset.batch_size,
-        learning_rate=spec.training.effective_learning_rate,
+        learning_rate=spec.learning_rate,
         method=spec.training.method,
         lora_rank=spec.training.lora_rank,
         seed=spec.training.seed,

@@ -135,14 +135,10 @@ DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
 class TrainingSpec:
     method: str = "lora"  # lora (merged at the end) | full
     steps: int | None = None  # None: the profile's preset
-    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE for the method
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATE for the method, scaled by the profile
     seed: int = 0
     lora_rank: int = 16
     batch_size: int | None = None  # None: the profile's preset
-
-    @property
-    def effective_learning_rate(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.method]
 
     def __post_init__(self) -> None:
         _require(self.method in ("lora", "full"), "training.method", "lora or full")
@@ -163,11 +159,20 @@ class ProfilePreset:
     persona_samples: int  # teacher responses per persona query
     max_new_tokens: int  # length of teacher responses and of evaluated generations
     eval_persona_queries: int  # held-out persona queries measured (0 = all held out)
+    # times the method's DEFAULT_LEARNING_RATE when the job sets none: a short schedule needs a
+    # larger step (README, Measured: the quick profile at twice the rate, two seeds)
+    learning_rate_scale: float = 1.0
 
 
 PROFILE_PRESETS: dict[str, ProfilePreset] = {
     "quick": ProfilePreset(
-        steps=120, batch_size=8, heldout_fraction=0.2, persona_samples=1, max_new_tokens=40, eval_persona_queries=6
+        steps=120,
+        batch_size=8,
+        heldout_fraction=0.2,
+        persona_samples=1,
+        max_new_tokens=40,
+        eval_persona_queries=6,
+        learning_rate_scale=2.0,
     ),
     "standard": ProfilePreset(
         steps=400, batch_size=8, heldout_fraction=0.2, persona_samples=2, max_new_tokens=64, eval_persona_queries=0
@@ -206,6 +211,13 @@ class BakeSpec:
     @property
     def preset(self) -> ProfilePreset:
         return PROFILE_PRESETS[self.profile]
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate training uses: the job's own, else the method's default scaled by the profile."""
+        if self.training.learning_rate is not None:
+            return self.training.learning_rate
+        return DEFAULT_LEARNING_RATE[self.training.method] * self.preset.learning_rate_scale
 
     @property
     def bakes_anything(self) -> bool:

@@ -20,7 +20,7 @@ from baking.data import (
     text_hash,
     trim_to_sentences,
 )
-from baking.spec import BakeSpec, ToolSpec
+from baking.spec import DEFAULT_LEARNING_RATE, BakeSpec, ToolSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,6 +39,16 @@ def test_spec_dict_round_trip(fleet_dict: dict) -> None:
     spec = BakeSpec.from_dict(fleet_dict)
     assert spec.to_dict() == fleet_dict
     assert BakeSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_learning_rate_is_the_jobs_own_else_the_methods_default_scaled_by_the_profile(fleet_dict: dict) -> None:
+    def rate(profile: str, training: dict) -> float:
+        return BakeSpec.from_dict({**fleet_dict, "profile": profile, "training": training}).learning_rate
+
+    assert rate("standard", {"method": "lora"}) == DEFAULT_LEARNING_RATE["lora"]
+    assert rate("quick", {"method": "lora"}) == 2 * DEFAULT_LEARNING_RATE["lora"]
+    assert rate("quick", {"method": "full"}) == 2 * DEFAULT_LEARNING_RATE["full"]
+    assert rate("quick", {"method": "lora", "learning_rate": 3e-4}) == 3e-4
 
 
 @pytest.mark.parametrize(
