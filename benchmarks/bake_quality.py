@@ -6,7 +6,8 @@ DESIGN.md §6 beside the baseline (the original model given the full system prom
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request,
-and scores it on benchmarks/fleet_probes.yaml (questions in no job: benchmarks/fleet_probes.py).
+and scores it on benchmarks/fleet_probes.yaml and fleet_probes_b.yaml (questions in no job:
+benchmarks/fleet_probes.py), each with no system prompt and under the reference model's template.
 Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
 (bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
 run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`,
@@ -16,6 +17,7 @@ run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -31,7 +33,7 @@ import torch  # noqa: E402
 
 from baking import BakeEvent, bake  # noqa: E402
 from baking.load import load_model, load_tokenizer  # noqa: E402
-from benchmarks.fleet_probes import base_template_system, score_probes  # noqa: E402
+from benchmarks.fleet_probes import PROBE_SETS, base_template_system, score_probes  # noqa: E402
 
 ROWS = [  # (metric, baseline metric, what it is)
     ("tool_call_accuracy", "tool_call_accuracy_baseline", "held-out tool queries answered with the right call"),
@@ -162,15 +164,17 @@ def main() -> None:
         report["merged_answers"][q] = tok.decode(generated[0][ids["input_ids"].shape[1] :], skip_special_tokens=True)
         print(f"  Q: {q}\n  A: {report['merged_answers'][q]}")
     merged_model, merged_tokenizer = load_model(merged, torch.device("cpu")), load_tokenizer(merged)
-    for key, system, how in (
-        ("probes", None, "no system prompt"),
-        ("probes_base_template", base_template_system(), "the reference model's own template"),
-    ):
-        probes = score_probes(merged_model, merged_tokenizer, system=system)
+    templates = (
+        ("", None, "no system prompt"),
+        ("_base_template", base_template_system(), "the reference model's own template"),
+    )
+    for (probe_set, path), (suffix, system, how) in itertools.product(PROBE_SETS.items(), templates):
+        key = ("probes" if probe_set == "a" else f"probes_{probe_set}") + suffix
+        probes = score_probes(merged_model, merged_tokenizer, system=system, path=path)
         report[key] = {k: v for k, v in probes.items() if not k.endswith("samples")}
         per_tool = ", ".join(f"{k} {v:.3f}" for k, v in probes["probe_tool_call_accuracy_per_tool"].items())
         print(
-            f"\nbenchmarks/fleet_probes.yaml (in no job), {how}: tool calls {probes['probe_tool_call_accuracy']:.3f}"
+            f"\nbenchmarks/{path.name} (in no job), {how}: tool calls {probes['probe_tool_call_accuracy']:.3f}"
             f" ({per_tool}); no call {probes['probe_no_call_accuracy']:.3f}; refusals"
             f" {probes['probe_refusal_rate']:.3f}; identity {probes['probe_identity_rate']:.3f}"
         )

@@ -1,6 +1,6 @@
 """Score baked models on benchmarks/fleet_probes.yaml: fixed fleet-job questions no job trains on.
 
-    .venv/bin/python benchmarks/fleet_probes.py MERGED_DIR [MERGED_DIR ...]
+    .venv/bin/python benchmarks/fleet_probes.py MERGED_DIR [MERGED_DIR ...] [--set a|b]
 
 Each MERGED_DIR is an artifact's merged/ (plain transformers). The probes are scored with the
 shipped job's tools and argument rules, with no system prompt, greedy, as the job's own held-out
@@ -38,6 +38,9 @@ from baking.load import load_model, load_tokenizer  # noqa: E402
 from baking.spec import BakeSpec  # noqa: E402
 
 PROBES = ROOT / "benchmarks" / "fleet_probes.yaml"
+# The second set (2026-11-28), written when the first had been scored by every bake for a day.
+PROBES_B = ROOT / "benchmarks" / "fleet_probes_b.yaml"
+PROBE_SETS = {"a": PROBES, "b": PROBES_B}
 JOB = ROOT / "examples" / "fleet-assistant.yaml"
 
 
@@ -56,10 +59,10 @@ def base_template_system() -> str | None:
     return template_default_system(load_tokenizer(get_settings().models_dir / reference.removeprefix("bakehouse://")))
 
 
-def score_probes(model: Any, tokenizer: Any, *, system: str | None = None) -> dict[str, Any]:
+def score_probes(model: Any, tokenizer: Any, *, system: str | None = None, path: Path = PROBES) -> dict[str, Any]:
     """Per-tool and overall probe accuracy, the no-call, refusal and identity shares, every
-    probe's output; `system` puts a system turn before each question."""
-    cases, no_call, refuse, identity = load_probes()
+    probe's output, for the probe set at `path`; `system` puts a system turn before each question."""
+    cases, no_call, refuse, identity = load_probes(path)
     spec = BakeSpec.from_dict(yaml.safe_load(JOB.read_text(encoding="utf-8")))
     assert spec.persona is not None
     calls = tool_accuracy(model, tokenizer, cases, spec.tools, system=system)
@@ -91,13 +94,17 @@ def main() -> None:
     parser.add_argument(
         "--base-template", action="store_true", help="with the system turn the reference model's own template adds"
     )
+    parser.add_argument(
+        "--set", choices=sorted(PROBE_SETS), default="a", help="a: fleet_probes.yaml, b: fleet_probes_b.yaml"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    path = PROBE_SETS[args.set]
     system = base_template_system() if args.base_template else None
     results = {}
     for model_dir in args.merged:
         model = load_model(Path(model_dir), torch.device("cpu"))
-        results[model_dir] = score_probes(model, load_tokenizer(Path(model_dir)), system=system)
+        results[model_dir] = score_probes(model, load_tokenizer(Path(model_dir)), system=system, path=path)
         r = results[model_dir]
         tools = ", ".join(f"{k} {v:.3f}" for k, v in r["probe_tool_call_accuracy_per_tool"].items())
         print(
@@ -111,7 +118,7 @@ def main() -> None:
         for row in zip(*samples, strict=True):
             if len({s["correct"] for s in row}) > 1:
                 print(f"  {row[0]['query']!r}: " + " | ".join(f"{s['correct']}: {s['output'][:80]!r}" for s in row))
-    out = ROOT / "benchmarks" / "results" / ("fleet_probes-base-template.json" if system else "fleet_probes.json")
+    out = ROOT / "benchmarks" / "results" / (path.stem + ("-base-template" if system else "") + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {out}")

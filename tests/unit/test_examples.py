@@ -313,12 +313,24 @@ def test_bm25_scores() -> None:
 
 # --- benchmarks/fleet_probes.yaml: fixed questions scored beside the held-out split ----------
 
-PROBES = EXAMPLES.parent / "benchmarks" / "fleet_probes.yaml"
+# Two sets, each written before any bake was scored on it (fleet_probes_b.yaml checks the first).
+PROBE_SETS = [EXAMPLES.parent / "benchmarks" / name for name in ("fleet_probes.yaml", "fleet_probes_b.yaml")]
 
 
-@pytest.fixture(scope="module")
-def probes() -> dict[str, Any]:
-    return yaml.safe_load(PROBES.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module", params=PROBE_SETS, ids=lambda path: path.stem)
+def probes(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return yaml.safe_load(request.param.read_text(encoding="utf-8"))
+
+
+def test_the_probe_sets_share_no_question() -> None:
+    def asked(path: Path) -> set[str]:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return {norm(p["query"]) for p in raw["tool_calls"]} | {
+            norm(q) for q in raw["no_call"] + raw["refuse"] + raw["identity"]
+        }
+
+    first, second = (asked(path) for path in PROBE_SETS)
+    assert not first & second
 
 
 def test_probes_are_in_no_job(spec: BakeJobSpec, probes: dict[str, Any]) -> None:
