@@ -322,14 +322,14 @@ def probes(request: pytest.FixtureRequest) -> dict[str, Any]:
     return yaml.safe_load(request.param.read_text(encoding="utf-8"))
 
 
-def test_the_probe_sets_share_no_question() -> None:
-    def asked(path: Path) -> set[str]:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return {norm(p["query"]) for p in raw["tool_calls"]} | {
-            norm(q) for q in raw["no_call"] + raw["refuse"] + raw["identity"]
-        }
+def asked_questions(probes: dict[str, Any]) -> list[str]:
+    return [p["query"] for p in probes["tool_calls"]] + probes["no_call"] + probes["refuse"] + probes["identity"]
 
-    first, second = (asked(path) for path in PROBE_SETS)
+
+def test_the_probe_sets_share_no_question() -> None:
+    first, second = (
+        {norm(q) for q in asked_questions(yaml.safe_load(path.read_text(encoding="utf-8")))} for path in PROBE_SETS
+    )
     assert not first & second
 
 
@@ -338,7 +338,7 @@ def test_probes_are_in_no_job(spec: BakeJobSpec, probes: dict[str, Any]) -> None
     known = {norm(ex.query) for t in spec.tools for ex in t.examples}
     known |= {norm(q) for q in spec.irrelevant_examples + spec.persona.sample_queries}
     known |= {norm(e.user) for e in spec.persona.examples}
-    asked = [p["query"] for p in probes["tool_calls"]] + probes["no_call"] + probes["refuse"] + probes["identity"]
+    asked = asked_questions(probes)
     assert not [q for q in asked if norm(q) in known]
     assert len({norm(q) for q in asked}) == len(asked)
 
