@@ -38,6 +38,13 @@ class ToolCase:
     result: Any = None
     answer: str | None = None
     synthetic: bool = False  # made by augmentation, not written by the user
+    # What a synthetic case was made from: the written query it varies, or its template's
+    # expression or enum value. Cases of one origin teach one thing and share a training group.
+    origin: str = ""
+
+    @property
+    def group(self) -> str:
+        return f"{self.tool}: {self.origin or self.query}"
 
 
 @dataclass
@@ -318,7 +325,13 @@ def arithmetic_variants(
             }
             written = {k: _as_written(v, rng) if isinstance(v, str) else v for k, v in values.items()}
             cases.append(
-                ToolCase(tool.name, question.format(**written), {param: expression.format(**values)}, synthetic=True)
+                ToolCase(
+                    tool.name,
+                    question.format(**written),
+                    {param: expression.format(**values)},
+                    synthetic=True,
+                    origin=f"template {expression}",
+                )
             )
     return cases
 
@@ -425,7 +438,7 @@ def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
             for begin, stop, replacement in spans:
                 text = text[:begin] + replacement + text[stop:]
             arguments[name] = text
-        out.append(ToolCase(case.tool, query, arguments, synthetic=True))
+        out.append(ToolCase(case.tool, query, arguments, synthetic=True, origin=case.origin or case.query))
     return out
 
 
@@ -457,7 +470,10 @@ def keyword_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
         return []
     templates = rng.sample(_KEYWORD_TEMPLATES, k=min(count, len(_KEYWORD_TEMPLATES)))
     return [
-        ToolCase(case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True) for template in templates
+        ToolCase(
+            case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True, origin=case.origin or case.query
+        )
+        for template in templates
     ]
 
 
@@ -476,7 +492,15 @@ def enum_variants(tool: ToolSpec, rng: random.Random, per_value: int) -> list[To
     cases = []
     for value in props[param]["enum"]:
         for template in rng.sample(_ENUM_TEMPLATES, k=min(per_value, len(_ENUM_TEMPLATES))):
-            cases.append(ToolCase(tool.name, template.format(v=_enum_phrase(value)), {param: value}, synthetic=True))
+            cases.append(
+                ToolCase(
+                    tool.name,
+                    template.format(v=_enum_phrase(value)),
+                    {param: value},
+                    synthetic=True,
+                    origin=f"enum {value}",
+                )
+            )
     return cases
 
 
@@ -506,7 +530,7 @@ def augment(
 
     for case in split.train_tools:
         for _ in range(variants_per_query):
-            add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True))
+            add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True, origin=case.query))
     tools = {t.name: t for t in spec.tools}
     for case in split.train_tools:
         for variant in numeric_variants(case, tools[case.tool], rng, numeric_per_query):

@@ -279,7 +279,7 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
     for tool in spec.tools:
         cases = [c for c in split.train_tools if c.tool == tool.name]
         pools[f"tools/{tool.name}"] = [
-            sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False)) for c in cases
+            sft_item(tokenizer, *bdata.tool_conversation(c, with_answer=False), group=c.group) for c in cases
         ]
     pools |= {
         "answers": [
@@ -287,7 +287,10 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
             for c in split.train_tools
             if c.answer and c.result is not None
         ],
-        "demos": [sft_item(tokenizer, *bdata.demonstration(e)) for e in split.train_persona_examples],
+        # a demonstration's variants keep its answer: one group per answer
+        "demos": [
+            sft_item(tokenizer, *bdata.demonstration(e), group=e.assistant) for e in split.train_persona_examples
+        ],
         "distill": [distill_item(tokenizer, t, eot) for t in targets],
     }
     template_system = template_default_system(tokenizer)

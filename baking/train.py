@@ -29,17 +29,25 @@ class TrainItem:
     ce_mask: list[bool]  # True where token t is a cross-entropy target
     kl_start: int | None = None  # index of the first teacher-scored token
     teacher_logprobs: torch.Tensor | None = None  # [n, V]
+    # Items made from one source (a written example and its variants, one augmentation template's
+    # instances) share a group; a pool draws every group once before any group twice ("": its own).
+    group: str = ""
 
 
 def sft_item(
-    tokenizer: Any, messages: Sequence[Message], train_turns: Sequence[int], *, system: str | None = None
+    tokenizer: Any,
+    messages: Sequence[Message],
+    train_turns: Sequence[int],
+    *,
+    system: str | None = None,
+    group: str = "",
 ) -> TrainItem:
     """Cross-entropy on the listed assistant turns; `system` puts a system turn before them."""
     if system:
         messages = with_system(system, messages)
         train_turns = [t + 1 for t in train_turns]
     enc = encode_conversation(tokenizer, messages, train_turns=train_turns)
-    return TrainItem(enc.input_ids, enc.target_mask)
+    return TrainItem(enc.input_ids, enc.target_mask, group=group)
 
 
 def distill_item(tokenizer: Any, target: DistillTarget, eot: int, *, system: str | None = None) -> TrainItem:
@@ -154,8 +162,32 @@ def merge(model: Any) -> Any:
     return model
 
 
+def coverage_order(items: Sequence[TrainItem], rng: random.Random) -> list[int]:
+    """One pass over `items` as indices to pop() from the end: every group's first item (in a
+    shuffled order), then every group's second, and so on.
+
+    A bake draws far fewer items than a pool holds (a quick bake about a third of the fleet job's
+    calculator pool, most of it augmentation), so a plain shuffle leaves it to chance which
+    written examples and which templates the model sees at all; this order spends the budget on
+    breadth first: at two quick seeds the fleet job's probe calls went from 196 to 220 of 264
+    (the calculator's 54 -> 75 of 88; README, Measured). With no groups set it is a plain shuffle."""
+    groups: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(item.group or f"#{i}", []).append(i)
+    members = list(groups.values())
+    for group in members:
+        rng.shuffle(group)
+    rounds = []
+    for r in range(max(len(g) for g in members)):
+        this_round = [g[r] for g in members if len(g) > r]
+        rng.shuffle(this_round)
+        rounds.append(this_round)
+    return [i for this_round in reversed(rounds) for i in this_round]
+
+
 class _Mixer:
-    """Draws batch items from the pools by weight, cycling each pool in a seeded shuffled order."""
+    """Draws batch items from the pools by weight, cycling each pool in a seeded order that
+    covers every group before repeating one (`coverage_order`)."""
 
     def __init__(self, pools: dict[str, list[TrainItem]], weights: dict[str, float], seed: int) -> None:
         self.rng = random.Random(seed)
@@ -171,8 +203,7 @@ class _Mixer:
         out = []
         for name in picks:
             if not self.order[name]:
-                self.order[name] = list(range(len(self.pools[name])))
-                self.rng.shuffle(self.order[name])
+                self.order[name] = coverage_order(self.pools[name], self.rng)
             out.append(self.pools[name][self.order[name].pop()])
         return out
 

@@ -101,6 +101,43 @@ def test_heldout_never_overlaps_training_even_after_augmentation(fleet_dict: dic
     assert len(split.train_tools) > len(split_spec(spec).train_tools)  # augmentation added cases
 
 
+def test_every_synthetic_case_names_its_origin_and_groups_with_it(fleet_dict: dict) -> None:
+    spec = BakeSpec.from_dict(fleet_dict)
+    split = augment(split_spec(spec), spec)
+    written = {(c.tool, c.query) for c in split.train_tools if not c.synthetic}
+    groups = {c.group for c in split.train_tools}
+    for case in split.train_tools:
+        if not case.synthetic:
+            assert case.origin == "" and case.group == f"{case.tool}: {case.query}"
+        elif case.origin.startswith(("template ", "enum ")):
+            assert case.origin.removeprefix("template ").removeprefix("enum ")  # names what it was made from
+        else:
+            assert (case.tool, case.origin) in written, case  # a variant of a written training case
+    calculator = [c for c in split.train_tools if c.tool == "calculator"]
+    # far fewer groups than cases: each template's instances and each example's variants are one group
+    assert len({c.group for c in calculator}) < len(calculator) / 4
+    assert len(groups) >= len(written)
+
+
+def test_coverage_order_draws_every_group_before_any_twice() -> None:
+    import random
+
+    from baking.train import TrainItem, coverage_order
+
+    items = [TrainItem([i], [True], group=g) for i, g in enumerate("aaaaabbcddddddd")] + [TrainItem([99], [True])]
+    for seed in range(5):
+        order = coverage_order(items, random.Random(seed))
+        drawn = [items[i].group or "own" for i in reversed(order)]  # the mixer pops from the end
+        assert sorted(order) == list(range(len(items)))  # one pass over the pool
+        assert set(drawn[:5]) == {"a", "b", "c", "d", "own"}  # round one: every group once
+        assert set(drawn[5:8]) == {"a", "b", "d"}  # round two: the groups with a second item
+    # with no groups it is the shuffle it replaced
+    plain = [TrainItem([i], [True]) for i in range(10)]
+    expected = list(range(10))
+    random.Random(3).shuffle(expected)
+    assert coverage_order(plain, random.Random(3)) == expected
+
+
 def test_leak_check_raises_on_overlap() -> None:
     split = Split(
         train_tools=[ToolCase("t", "How fast am I going?", {})],
