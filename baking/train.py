@@ -178,7 +178,7 @@ def coverage_order(items: Sequence[TrainItem], rng: random.Random) -> list[int]:
     for group in members:
         rng.shuffle(group)
     rounds = []
-    for r in range(max(len(g) for g in members)):
+    for r in range(max((len(g) for g in members), default=0)):
         this_round = [g[r] for g in members if len(g) > r]
         rng.shuffle(this_round)
         rounds.append(this_round)

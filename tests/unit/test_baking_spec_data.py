@@ -136,6 +136,7 @@ def test_coverage_order_draws_every_group_before_any_twice() -> None:
     expected = list(range(10))
     random.Random(3).shuffle(expected)
     assert coverage_order(plain, random.Random(3)) == expected
+    assert coverage_order([], random.Random(0)) == []
 
 
 def test_leak_check_raises_on_overlap() -> None:
