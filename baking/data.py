@@ -43,8 +43,13 @@ class ToolCase:
     origin: str = ""
 
     @property
+    def source(self) -> str:
+        """What a variant of this case names as its origin: its own origin, else its query."""
+        return self.origin or self.query
+
+    @property
     def group(self) -> str:
-        return f"{self.tool}: {self.origin or self.query}"
+        return f"{self.tool}: {self.source}"
 
 
 @dataclass
@@ -438,7 +443,7 @@ def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
             for begin, stop, replacement in spans:
                 text = text[:begin] + replacement + text[stop:]
             arguments[name] = text
-        out.append(ToolCase(case.tool, query, arguments, synthetic=True, origin=case.origin or case.query))
+        out.append(ToolCase(case.tool, query, arguments, synthetic=True, origin=case.source))
     return out
 
 
@@ -470,9 +475,7 @@ def keyword_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
         return []
     templates = rng.sample(_KEYWORD_TEMPLATES, k=min(count, len(_KEYWORD_TEMPLATES)))
     return [
-        ToolCase(
-            case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True, origin=case.origin or case.query
-        )
+        ToolCase(case.tool, template.format(q=phrase), dict(case.arguments), synthetic=True, origin=case.source)
         for template in templates
     ]
 
@@ -530,7 +533,7 @@ def augment(
 
     for case in split.train_tools:
         for _ in range(variants_per_query):
-            add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True, origin=case.query))
+            add(ToolCase(case.tool, perturb(case.query, rng), case.arguments, synthetic=True, origin=case.source))
     tools = {t.name: t for t in spec.tools}
     for case in split.train_tools:
         for variant in numeric_variants(case, tools[case.tool], rng, numeric_per_query):
