@@ -275,6 +275,10 @@ _CONVERSIONS = (
     (("{a} N·m in lb-ft?", "Convert {a} newton metres of torque to foot-pounds."), "{a} / 1.3558179483"),
     (("{a} m/s in km/h?", "Convert {a} metres per second to km/h."), "{a} * 3.6"),
     (("Convert {a} km/h to m/s.", "{a} km/h in metres per second?"), "{a} / 3.6"),
+    (("Convert {a} minutes to hours.", "What's {a} min in hours?"), "{a} / 60"),
+    (("{a} hours in minutes?", "Convert {a} h to minutes."), "{a} * 60"),
+    (("How many minutes is {a} seconds?", "Convert {a} s to minutes."), "{a} / 60"),
+    (("{a} minutes in seconds?", "Convert {a} min to seconds."), "{a} * 60"),
 )
 
 
