@@ -41,3 +41,25 @@ def test_long_right_call_is_scored_right(fleet_dict: dict, monkeypatch: pytest.M
     assert evaluate.tool_accuracy(None, tokenizer, [case], tools).correct == 1
     # What the fixed 64-token budget did to the same call: cut inside its JSON, scored wrong.
     assert evaluate.tool_accuracy(None, tokenizer, [case], tools, max_new_tokens=64).correct == 0
+
+
+def test_kl_total_sums_per_position_kl_and_never_goes_below_zero() -> None:
+    import math
+
+    import torch
+
+    from baking.evaluate import kl_total
+
+    p = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
+    q = torch.tensor([[0.25, 0.75], [0.9, 0.1]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # the second position adds 0
+    assert math.isclose(kl_total(p, q), expected, rel_tol=1e-6)
+    # Near-identical distributions over a large vocabulary: rounding may push a position's raw
+    # sum below zero; the total is clamped per position, so it is zero or more, and tiny.
+    torch.manual_seed(0)
+    logits = torch.randn(64, 49152)
+    reference = logits.log_softmax(-1)
+    nearly = (logits + 1e-7 * torch.randn_like(logits)).log_softmax(-1)
+    total = kl_total(reference, nearly)
+    assert 0.0 <= total < 1e-4
+    assert kl_total(reference, reference) == 0.0
