@@ -54,12 +54,9 @@ def test_kl_total_sums_per_position_kl_and_never_goes_below_zero() -> None:
     q = torch.tensor([[0.25, 0.75], [0.9, 0.1]]).log()
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # the second position adds 0
     assert math.isclose(kl_total(p, q), expected, rel_tol=1e-6)
-    # Near-identical distributions over a large vocabulary: rounding may push a position's raw
-    # sum below zero; the total is clamped per position, so it is zero or more, and tiny.
-    torch.manual_seed(0)
-    logits = torch.randn(64, 49152)
-    reference = logits.log_softmax(-1)
-    nearly = (logits + 1e-7 * torch.randn_like(logits)).log_softmax(-1)
-    total = kl_total(reference, nearly)
-    assert 0.0 <= total < 1e-4
-    assert kl_total(reference, reference) == 0.0
+    # Rounding leaves log-probabilities a hair off normalised, so a position's raw sum can fall
+    # below zero (here, exaggerated, -0.18): that position counts as 0, the others as they are.
+    off = torch.tensor([[0.6, 0.6], [0.9, 0.1]]).log()
+    assert kl_total(p, off) == 0.0
+    assert math.isclose(kl_total(torch.cat([p, p]), torch.cat([off, q])), expected, rel_tol=1e-6)
+    assert kl_total(p, p) == 0.0
