@@ -242,16 +242,6 @@ _ARITHMETIC_TEMPLATES = (
     ("How far do {a} L go at {c} L per 100 km?", "{a} / {c} * 100"),
     ("How much is left of {b} after {a}?", "{b} - {a}"),
     ("What is {a} squared?", "{a} ** 2"),
-    # Plain operations in the imperative, where the order of the numbers differs from the
-    # expression's ("Subtract a from b"); a bake answered "Add 345.5 and 129.75." with their average.
-    ("Add {a} and {b}.", "{a} + {b}"),
-    ("Subtract {a} from {b}.", "{b} - {a}"),
-    ("Divide {b} by {n}.", "{b} / {n}"),
-    ("{p} percent of {b}?", "{b} * {p} / 100"),
-    ("Sum of {a}, {b} and {c}?", "{a} + {b} + {c}"),
-    # Two formulas technical users ask for by name, each with its constant.
-    ("{a} N·m at {b} rpm is how many kW?", "{a} * {b} / 9549"),
-    ("Circumference of a wheel {a} mm across?", "3.14159265 * {a}"),
 )
 
 # Unit conversions with their standard factors (exact by definition where one exists), each in
