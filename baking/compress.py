@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -33,6 +33,7 @@ from baking.recover import RecoveryConfig, RecoveryData, mean_kl, recover
 
 SCHEMES = ("none", "bf16", "int8", "int4")
 ROUNDINGS = ("nearest", "gptq")
+GptqKey = tuple[str, int, tuple[str, ...]]  # scheme, group_size, int8_parts: what fixes which layers GPTQ rounds how
 # The task accuracies DESIGN.md §6 defines accuracy_retention over (as `evaluate` names them).
 ACCURACY_KEYS = ("tool_call_accuracy", "irrelevance_accuracy", "guideline_pass_rate")
 
@@ -45,7 +46,9 @@ class Candidate:
     group_size: int = 32  # int4 only: inputs sharing one scale and zero (32 | 64 | 128)
     lm_head: str = "bf16"  # bf16: tied to the float embeddings; int8: untied, int8; int8-tied: both int8, shared
     int8_parts: tuple[str, ...] = ()  # int4 only: projections kept in int8 (e.g. "up_proj")
-    rounding: str = "nearest"  # int4 only: nearest | gptq (baking.gptq, calibrated on the job's conversations)
+    # int8 | int4: nearest | gptq (baking.gptq, every integer layer of the decoder blocks, calibrated
+    # on the job's conversations; the embeddings and lm_head round to nearest either way)
+    rounding: str = "nearest"
     # int4 + gptq only: compression vs fp32 to reach with the fewest int4 layers, the ones GPTQ
     # rounded with the least output error first; the other layers int4 would take are int8
     size_target: float | None = None
@@ -56,13 +59,13 @@ class Candidate:
             raise ValueError("int8_parts mixes precisions within int4 only")
         if self.rounding not in ROUNDINGS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
-        if self.rounding != "nearest" and self.scheme != "int4":
-            raise ValueError("rounding=gptq applies to int4 only")
+        if self.rounding != "nearest" and self.scheme not in quant.SCHEMES:
+            raise ValueError(f"rounding={self.rounding} applies to int8 and int4 only")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme must be one of {SCHEMES}, got {self.scheme!r}")
         if self.size_target is not None:
-            if self.rounding != "gptq":
-                raise ValueError("size_target ranks layers by GPTQ's output error: it needs rounding=gptq")
+            if self.rounding != "gptq" or self.scheme != "int4":
+                raise ValueError("size_target ranks int4 layers by GPTQ's output error: it needs int4, rounding=gptq")
             if not 0 <= self.size_target < 1:
                 raise ValueError(f"size_target must be in [0, 1), got {self.size_target}")
         if self.group_size not in quant.GROUP_SIZES:
@@ -185,7 +188,7 @@ def compress(
     device: torch.device,
     *,
     calibration: Sequence[Sequence[int]] = (),
-    gptq_cache: dict[tuple[int, tuple[str, ...]], gptq.GptqLayers] | None = None,
+    gptq_cache: dict[GptqKey, gptq.GptqLayers] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """(final model, scheme dict). The scheme dict keys: scheme, dtype, dtype_torch (not JSON),
     weight_bytes (stored bytes), params (parameter count of the uncompressed input, tied
@@ -208,34 +211,37 @@ def compress(
     if candidate.scheme in quant.SCHEMES:
         # quantize from the float32 weights, then cast what stays float
         final.float()
-        precomputed: dict[str, gptq.Int4Codes] = {}
+        layers = gptq.GptqLayers({}, {})
         fit: dict[str, Any] | None = None
         if candidate.rounding == "gptq":
             if not calibration:
                 raise ValueError(f"{candidate.name} needs calibration sequences")
-            key = (candidate.group_size, candidate.int8_parts)
-            layers = (gptq_cache or {}).get(key) or gptq.gptq_quantize_(
-                final,
-                calibration,
-                group_size=candidate.group_size,
-                select=lambda name: name.rsplit(".", 1)[-1] not in candidate.int8_parts,
-            )
+            key = (candidate.scheme, candidate.group_size, candidate.int8_parts)
+            layers = (gptq_cache or {}).get(key) or _gptq_layers(final, candidate, calibration)
             if gptq_cache is not None:
                 gptq_cache[key] = layers
-            precomputed = layers.codes
             if candidate.size_target is not None:
-                precomputed, fit = _fit_int4_to_size(model, final, candidate, candidate.size_target, layers, device)
+                int4_layers, fit = _fit_int4_to_size(model, candidate, candidate.size_target, layers, device)
+                # Round again with the int4 layers the fit chose and int8 everywhere else, so every
+                # block calibrates on what this mix computes (the pass above had int4 for all of them).
+                final = copy.deepcopy(model).float()
+                layers = _gptq_layers(final, candidate, calibration, int4_layers=int4_layers)
         info = quant.quantize_model_(
             final,
             candidate.scheme,
             group_size=candidate.group_size,
             lm_head=candidate.lm_head,
             int8_parts=candidate.int8_parts,
-            precomputed_int4=precomputed,
-            int4_layers=set(precomputed) if fit is not None else None,
+            precomputed_int4=layers.codes,
+            precomputed_int8=layers.int8_codes,
+            int4_layers=set(layers.codes) if fit is not None else None,
         )
         if candidate.rounding == "gptq":
-            info["rounding"] = {"method": "gptq", "layers": len(precomputed), "calibration_sequences": len(calibration)}
+            info["rounding"] = {
+                "method": "gptq",
+                "layers": {"int4": len(layers.codes), "int8": len(layers.int8_codes)},
+                "calibration_sequences": len(calibration),
+            }
         if fit is not None:
             info["fit"] = fit
     else:
@@ -245,13 +251,34 @@ def compress(
     return final, _scheme_dict(candidate, final, dtype, info, params)
 
 
+def _gptq_layers(
+    final: Any, candidate: Candidate, calibration: Sequence[Sequence[int]], *, int4_layers: Collection[str] | None = None
+) -> gptq.GptqLayers:
+    """GPTQ on `final` (float, in place) for every layer the candidate makes an integer layer:
+    int4 where the candidate puts int4 (or only `int4_layers`, when given), int8 elsewhere."""
+
+    def int4(name: str) -> bool:
+        if candidate.scheme != "int4":
+            return False
+        if int4_layers is not None:
+            return name in int4_layers
+        return name.rsplit(".", 1)[-1] not in candidate.int8_parts
+
+    return gptq.gptq_quantize_(
+        final,
+        calibration,
+        group_size=candidate.group_size,
+        select=int4,
+        select_int8=lambda name: not int4(name),
+    )
+
+
 def _fit_int4_to_size(
-    model: Any, final: Any, candidate: Candidate, target: float, layers: gptq.GptqLayers, device: torch.device
-) -> tuple[dict[str, gptq.Int4Codes], dict[str, Any]]:
-    """The fewest of GPTQ's layers that, in int4, bring the stored weights to `target` compression
-    vs fp32, taken in order of least output error; the rest go int8 and get their float
-    weights back (GPTQ left its dequantized int4 values in `final`). Returns their codes and a
-    JSON-safe record. When every layer is not enough, all are int4 and the record says so.
+    model: Any, candidate: Candidate, target: float, layers: gptq.GptqLayers, device: torch.device
+) -> tuple[set[str], dict[str, Any]]:
+    """The fewest of GPTQ's int4 layers that bring the stored weights to `target` compression vs
+    fp32, taken in order of least output error; every other layer is int8. Returns their names
+    and a JSON-safe record. When every layer is not enough, all are int4 and the record says so.
 
     Mixed precision under a size budget, as llama.cpp's k-quant mixes and HAWQ-style searches
     do it: int8 everywhere (with an int8 tied lm_head) stores 74.9% less than fp32 for
@@ -260,16 +287,13 @@ def _fit_int4_to_size(
     _, int8_scheme = compress(model, Candidate("int8", lm_head=candidate.lm_head), device)
     budget = (1 - target) * 4 * int8_scheme["params"]
     size = int8_scheme["weight_bytes"]
-    chosen: dict[str, gptq.Int4Codes] = {}
+    chosen: list[str] = []
     for name in sorted(layers.codes, key=lambda n: layers.output_error[n]):
         if size <= budget:
             break
-        size -= quant.int4_saving(final.get_submodule(name), candidate.group_size)
-        chosen[name] = layers.codes[name]
-    with torch.no_grad():
-        for name in layers.codes.keys() - chosen.keys():
-            final.get_submodule(name).weight.copy_(model.get_submodule(name).weight)
-    return chosen, {
+        size -= quant.int4_saving(model.get_submodule(name), candidate.group_size)
+        chosen.append(name)
+    return set(chosen), {
         "size_target": target,
         "reached": size <= budget,
         "int4_layers": {n: round(layers.output_error[n], 6) for n in chosen},  # name: output error
@@ -431,7 +455,7 @@ def search(
     trials: list[Trial] = []
     final: Any = None
     scheme: dict[str, Any] = {}
-    gptq_cache: dict[tuple[int, tuple[str, ...]], gptq.GptqLayers] = {}
+    gptq_cache: dict[GptqKey, gptq.GptqLayers] = {}
     for i, candidate in enumerate(candidates):
         started = time.monotonic()
         final, scheme = compress(model, candidate, device, calibration=calibration, gptq_cache=gptq_cache)

@@ -212,9 +212,12 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         self.register_buffer("scales", torch.ones(out_features, dtype=SCALE_DTYPE))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+    def from_linear(
+        cls, linear: nn.Linear, codes: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> Int8WeightOnlyLinear:
+        """`codes` (int8 codes, scales) already computed, e.g. by GPTQ; else rounded to nearest."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        m.qweight, m.scales = quantize_int8(linear.weight)
+        m.qweight, m.scales = codes if codes is not None else quantize_int8(linear.weight)
         if linear.bias is not None:
             m.bias = linear.bias.detach().to(SCALE_DTYPE).clone()
         return m.to(linear.weight.device)
@@ -360,6 +363,7 @@ def quantize_model_(
     lm_head: str = "bf16",
     int8_parts: Iterable[str] = (),
     precomputed_int4: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    precomputed_int8: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     int4_layers: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Replace the model's `nn.Linear` layers in place with weight-only quantized ones.
@@ -372,7 +376,8 @@ def quantize_model_(
     An int4 layer whose in_features is not a multiple of `group_size` stays float and is listed.
     With scheme int4, layers whose last name part is in `int8_parts` (e.g. "up_proj") are int8
     instead: mixed precision for the projections measurement finds sensitive. `precomputed_int4` maps
-    layer names to int4 (packed, scales, zeros) already computed (GPTQ); the rest round to nearest.
+    layer names to int4 (packed, scales, zeros) already computed (GPTQ), `precomputed_int8` to int8
+    (codes, scales); the rest round to nearest.
     `int4_layers`, when given, names the only layers that may take int4: every other one is int8
     (mixed precision layer by layer, as a size budget chooses it).
     Returns a JSON-safe summary (the `scheme_info` that `load_quantized` accepts).
@@ -403,7 +408,7 @@ def quantize_model_(
         if parts[-1] == "lm_head" and lm_head == "int8":
             _untie_lm_head(model)
         new: nn.Module = (
-            Int8WeightOnlyLinear.from_linear(linear)
+            Int8WeightOnlyLinear.from_linear(linear, (precomputed_int8 or {}).get(name))
             if kind == "int8"
             else Int4WeightOnlyLinear.from_linear(linear, group_size, (precomputed_int4 or {}).get(name))
         )

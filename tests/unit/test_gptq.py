@@ -1,5 +1,6 @@
-"""GPTQ int4 rounding (baking.gptq): it must keep layer outputs closer than rounding to nearest,
-store exactly the format the int4 layers read, and plug into compress() and the artifact."""
+"""GPTQ rounding (baking.gptq), int4 and int8: it must keep layer outputs closer than rounding to
+nearest, store exactly the format the quantized layers read, and plug into compress() and the
+artifact."""
 
 from __future__ import annotations
 
@@ -43,6 +44,21 @@ def test_gptq_keeps_layer_outputs_closer_than_rounding_to_nearest(group_size: in
     assert _relative_output_error(x, w, codes) < nearest / 3
 
 
+def test_gptq_int8_keeps_layer_outputs_closer_than_rounding_to_nearest() -> None:
+    x = _correlated_inputs(1024, 256)
+    w = torch.randn(64, 256) * 0.02
+    codes, scales = gptq.gptq_int8(w, x.T @ x / len(x))
+    nearest_codes, nearest_scales = quant.quantize_int8(w)
+    assert codes.dtype == torch.int8 and codes.shape == (64, 256) and int(codes.abs().max()) <= 127
+    assert torch.equal(scales, nearest_scales)  # the same grid, only the rounding differs
+    ref = x @ w.T
+
+    def error(c: torch.Tensor) -> float:
+        return float((ref - x @ quant.dequantize_int8(c, scales).T).pow(2).mean() / ref.pow(2).mean())
+
+    assert error(codes) < error(nearest_codes) / 3
+
+
 def test_gptq_ignores_inputs_that_are_never_active() -> None:
     x = _correlated_inputs(512, 128)
     x[:, 5] = 0.0  # a dead channel: H has a zero row and column
@@ -74,16 +90,14 @@ def test_gptq_candidate_builds_int4_layers_from_calibration(tiny: tuple, tmp_pat
     candidate = Candidate("int4", 32, lm_head="int8-tied", int8_parts=("down_proj",), rounding="gptq")
     assert candidate.name == "int4-g32-gptq+int8:down+lm_head-int8-tied"
     final, scheme = compress(model, candidate, CPU, calibration=calibration)
-    assert scheme["rounding"] == {"method": "gptq", "layers": 12, "calibration_sequences": 3}  # 2 blocks x 6
+    # 2 blocks x 6 in int4, the 2 down_proj in int8
+    assert scheme["rounding"] == {"method": "gptq", "layers": {"int4": 12, "int8": 2}, "calibration_sequences": 3}
     kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in final.named_modules()}
     assert kinds["down_proj"] is quant.Int8WeightOnlyLinear and kinds["up_proj"] is quant.Int4WeightOnlyLinear
     nearest, _ = compress(model, Candidate("int4", 32, lm_head="int8-tied", int8_parts=("down_proj",)), CPU)
-    differs = [
-        not torch.equal(a.qweight, b.qweight)
-        for a, b in zip(final.modules(), nearest.modules(), strict=True)
-        if isinstance(a, quant.Int4WeightOnlyLinear)
-    ]
-    assert any(differs)  # GPTQ chose other codes than rounding to nearest
+    pairs = list(zip(final.modules(), nearest.modules(), strict=True))
+    for kind in (quant.Int4WeightOnlyLinear, quant.Int8WeightOnlyLinear):  # GPTQ chose other codes than nearest
+        assert any(not torch.equal(a.qweight, b.qweight) for a, b in pairs if isinstance(a, kind)), kind
     ids = torch.tensor([calibration[0]])
     with torch.inference_mode():
         ref = model(input_ids=ids).logits
@@ -93,13 +107,35 @@ def test_gptq_candidate_builds_int4_layers_from_calibration(tiny: tuple, tmp_pat
     _assert_round_trip_is_bit_exact(final, scheme, tokenizer, ids, expected, tmp_path)
 
 
-def test_gptq_candidate_needs_calibration_and_int4(tiny: tuple) -> None:
+def test_gptq_candidate_needs_calibration_and_an_integer_scheme(tiny: tuple) -> None:
     with pytest.raises(ValueError, match="calibration"):
         compress(tiny[0], Candidate("int4", 32, rounding="gptq"), CPU)
-    with pytest.raises(ValueError, match="int4 only"):
-        Candidate("int8", rounding="gptq")
+    with pytest.raises(ValueError, match="int8 and int4 only"):
+        Candidate("bf16", rounding="gptq")
     with pytest.raises(ValueError, match="rounding"):
         Candidate("int4", 32, rounding="awq")
+
+
+def test_gptq_int8_candidate_rounds_every_decoder_layer(tiny: tuple, tmp_path: Path) -> None:
+    model, tokenizer = tiny
+    calibration = _calibration(tokenizer)
+    candidate = Candidate("int8", lm_head="int8-tied", rounding="gptq")
+    assert candidate.name == "int8-gptq+lm_head-int8-tied"
+    final, scheme = compress(model, candidate, CPU, calibration=calibration)
+    assert scheme["rounding"] == {"method": "gptq", "layers": {"int4": 0, "int8": 14}, "calibration_sequences": 3}
+    nearest, nearest_scheme = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
+    assert scheme["weight_bytes"] == nearest_scheme["weight_bytes"]
+    for name, m in final.named_modules():
+        if isinstance(m, quant.Int8WeightOnlyLinear) and ".layers." in name:
+            assert not torch.equal(m.qweight, nearest.get_submodule(name).qweight), name
+    head = final.get_output_embeddings()  # lm_head (tied to the embeddings) still rounds to nearest
+    assert torch.equal(head.qweight, nearest.get_output_embeddings().qweight)
+    ids = torch.tensor([calibration[0]])
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+        expected = final(input_ids=ids).logits
+    assert quant.sqnr(ref, expected.float()) > 20
+    _assert_round_trip_is_bit_exact(final, scheme, tokenizer, ids, expected, tmp_path)
 
 
 def test_gptq_skips_layers_the_selection_leaves_out(tiny: tuple) -> None:
@@ -152,9 +188,20 @@ def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(ti
     assert 1 - scheme["weight_bytes"] / fp32 >= target > 1 - int8_scheme["weight_bytes"] / fp32
     int4 = [n for n, m in final.named_modules() if isinstance(m, quant.Int4WeightOnlyLinear)]
     assert int4 == [least]
-    for name, m in final.named_modules():  # every other layer is exactly what plain int8 stores
-        if isinstance(m, quant.Int8WeightOnlyLinear):
-            assert torch.equal(m.qweight, int8.get_submodule(name).qweight), name
+    # the codes come from a second GPTQ pass over the chosen mix: `least` in int4, every other one int8
+    mix = gptq.gptq_quantize_(
+        copy.deepcopy(model).float(),
+        calibration,
+        group_size=32,
+        select=lambda n: n == least,
+        select_int8=lambda n: n != least,
+    )
+    assert torch.equal(final.get_submodule(least).qweight, mix.codes[least][0])
+    decoder_int8 = [n for n, m in final.named_modules() if isinstance(m, quant.Int8WeightOnlyLinear) and ".layers." in n]
+    assert sorted(decoder_int8) == sorted(mix.int8_codes)
+    for name in decoder_int8:
+        assert torch.equal(final.get_submodule(name).qweight, mix.int8_codes[name][0]), name
+    assert torch.equal(final.get_output_embeddings().qweight, int8.get_output_embeddings().qweight)
 
     ids = torch.tensor([calibration[0]])
     with torch.inference_mode():
@@ -206,10 +253,12 @@ def test_search_rounds_the_same_layers_once_for_both_down_proj_candidates(
         calibration=_calibration(tokenizer),
     )
     assert [t.candidate for t in result.trials] == [down_only.name, _fitted(0.0).name]
-    assert len(calls) == 1
-    # size_target 0 is met by int8 alone: no layer in int4, every one exactly as plain int8 stores it
+    assert len(calls) == 2  # the all-int4 pass once for both, and the fit's pass over its mix
+    # size_target 0 is met by int8 alone: no layer in int4, every one exactly as GPTQ int8 stores it
     assert result.scheme["fit"]["int4_layers"] == {} and result.scheme["fit"]["reached"]
-    int8, _ = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
+    int8, _ = compress(
+        model, Candidate("int8", lm_head="int8-tied", rounding="gptq"), CPU, calibration=_calibration(tokenizer)
+    )
     for name, m in result.model.named_modules():
         if isinstance(m, quant.Int8WeightOnlyLinear):
             assert torch.equal(m.qweight, int8.get_submodule(name).qweight), name
