@@ -12,9 +12,9 @@ The stored formats are unchanged (baking.quant). int4: codes 0..15, one bf16 sca
 group, each group's scale and zero chosen, as for round-to-nearest, by the least-squares clip
 search on the group's weights as GPTQ has updated them when it reaches the group. int8: per-row
 symmetric codes on round-to-nearest's grid (max |w| / 127); an int8 step is 1/16 of an int4 one,
-so the gain is smaller, but int8 holds most of a mixed candidate's layers, and its per-row scale
-over 576-1536 inputs is coarse enough that rounding to nearest alone moved the baked model's
-tokens (README, Measured).
+so the gain is smaller, but int8 holds most of a mixed candidate's layers, and on a quick bake of
+the fleet job GPTQ int8 took the KL to the fp32 model from 0.0047 to 0.0027 and top-1 agreement
+from 0.972 to 0.979 against rounding to nearest (README, Measured).
 
 Sequential as in the paper's code: block i is calibrated on the outputs of blocks < i *after*
 they were quantized (the recorded-input machinery of baking.prune, shared with Wanda).
@@ -140,7 +140,9 @@ class GptqLayers:
     """What `gptq_quantize_` built, per layer name."""
 
     codes: dict[str, Int4Codes]  # the int4 layers
-    output_error: dict[str, float]  # `output_error` of each layer's rounded weights (int4 or int8) on its calibration inputs
+    output_error: dict[
+        str, float
+    ]  # `output_error` of each layer's rounded weights (int4 or int8) on its calibration inputs
     int8_codes: dict[str, Int8Codes] = field(default_factory=dict)  # the int8 layers
 
 

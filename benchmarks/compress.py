@@ -61,6 +61,7 @@ CANDIDATES = (
     Candidate("bf16"),
     Candidate("int8"),
     Candidate("int8", lm_head="int8-tied"),
+    Candidate("int8", lm_head="int8-tied", rounding="gptq"),
     Candidate("int4", 32),
     Candidate("int4", 32, lm_head="int8-tied"),
     Candidate("int4", 32, int8_parts=MLP),
@@ -74,6 +75,8 @@ CANDIDATES = (
     # int8 with only as many GPTQ int4 down_proj layers (least output error first) as 0.75 needs
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq", size_target=0.75),
     Candidate("int4", 32, lm_head="int8-tied", int8_parts=("q_proj", "k_proj", "v_proj", *MLP[:2]), rounding="gptq"),
+    # the default fit (baking.compress): GPTQ int8, and int4 for the fewest layers of any kind
+    Candidate("int4", 32, lm_head="int8-tied", rounding="gptq", size_target=0.75),
 )
 PRUNED = (  # (pruning, quantization of the pruned and recovered model); equal neighbours prune once
     (PruneConfig("wanda", "2:4", 0.5), Candidate("bf16")),

@@ -4,6 +4,7 @@ artifact."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,9 @@ def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(ti
         select_int8=lambda n: n != least,
     )
     assert torch.equal(final.get_submodule(least).qweight, mix.codes[least][0])
-    decoder_int8 = [n for n, m in final.named_modules() if isinstance(m, quant.Int8WeightOnlyLinear) and ".layers." in n]
+    decoder_int8 = [
+        n for n, m in final.named_modules() if isinstance(m, quant.Int8WeightOnlyLinear) and ".layers." in n
+    ]
     assert sorted(decoder_int8) == sorted(mix.int8_codes)
     for name in decoder_int8:
         assert torch.equal(final.get_submodule(name).qweight, mix.int8_codes[name][0]), name
@@ -207,6 +210,30 @@ def test_size_fitted_candidate_takes_the_fewest_int4_layers_least_error_first(ti
     with torch.inference_mode():
         expected = final(input_ids=ids).logits
     _assert_round_trip_is_bit_exact(final, scheme, tokenizer, ids, expected, tmp_path)
+
+
+def test_default_fit_may_put_any_decoder_layer_in_int4_least_error_first(tiny: tuple) -> None:
+    import copy
+
+    model, tokenizer = tiny
+    calibration = _calibration(tokenizer)
+    (default_fit,) = [c for c in DEFAULT_CANDIDATES if c.size_target is not None]
+    assert default_fit.int8_parts == ()  # every projection kind competes for int4
+    _, int8_scheme = compress(model, Candidate("int8", lm_head="int8-tied"), CPU)
+    fp32 = 4 * int8_scheme["params"]
+    # short of int8 by more than one down_proj saves: the fit needs several layers
+    downs = [n for n, _ in model.named_modules() if n.endswith("down_proj")]
+    target = 1 - (int8_scheme["weight_bytes"] - 1.5 * quant.int4_saving(model.get_submodule(downs[0]), 32)) / fp32
+    final, scheme = compress(model, replace(default_fit, size_target=target), CPU, calibration=calibration)
+
+    errors = gptq.gptq_quantize_(copy.deepcopy(model).float(), calibration, group_size=32, select=lambda n: True)
+    assert len(errors.codes) == 14  # 2 blocks x 7: the fit ranks all of them
+    ranked = sorted(errors.output_error, key=lambda n: errors.output_error[n])
+    chosen = list(scheme["fit"]["int4_layers"])
+    assert scheme["fit"]["reached"] and len(chosen) >= 2 and chosen == ranked[: len(chosen)]
+    assert 1 - scheme["weight_bytes"] / fp32 >= target
+    int4 = {n for n, m in final.named_modules() if isinstance(m, quant.Int4WeightOnlyLinear)}
+    assert int4 == set(chosen)
 
 
 def test_size_fitted_candidate_says_when_every_layer_is_not_enough(tiny: tuple) -> None:
