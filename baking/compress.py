@@ -199,8 +199,9 @@ def compress(
     weights once: `params * 4` is the fp32 size to compare against), and for int8/int4 the
     quantization details (group_size, lm_head, quantized_layers, float_layers).
     `calibration` (token id sequences) is what a GPTQ candidate calibrates on; `gptq_cache`
-    keeps GPTQ's codes across calls for the same model and calibration (the search's two
-    down_proj candidates round the same layers the same way)."""
+    keeps GPTQ's codes across calls for the same model and calibration (candidates with the same
+    scheme, group size and int8 parts, such as a size fit and its unfitted twin, round the same
+    layers the same way; the default candidates share no such key)."""
     if isinstance(quantization, str) and quantization == "auto":
         # `auto` needs an evaluator: the pipeline calls search(); compress alone keeps bf16.
         final, scheme = compress(model, Candidate("bf16"), device)
