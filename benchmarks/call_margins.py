@@ -10,7 +10,11 @@ token where the model's own choice differs. It prints, sorted, the log-probabili
 token (how much likelier the model's choice was than the right one) and how many later tokens
 of the expected reply it would also get wrong. A miss with a small gap and no later error is one
 near-tie away from right: that is what moves between seeds and data draws. A large gap, or
-later errors, is a lesson the model lacks (a formula, a section, a keyword). Writes nothing.
+later errors, is a lesson the model lacks (a formula, a section, a keyword). A keyword-matched
+string has many right spellings and the expected one is only one of them, so a departure inside
+one may be harmless. First it prints each set's mean negative log-likelihood of the expected
+replies, all of them, right or wrong: a continuous figure that compares two bakes on the same
+cases more finely than a count of right calls does. Writes nothing.
 """
 
 from __future__ import annotations
@@ -47,18 +51,20 @@ class Margin:
     chosen: str  # the model's token at the divergence
 
 
-def first_divergence(model: Any, tokenizer: Any, query: str, expected: str) -> Margin | None:
-    """The model's first departure from `expected` (then the end of turn), None if it has none."""
+def score_expected(model: Any, tokenizer: Any, query: str, expected: str) -> tuple[float, Margin | None]:
+    """The expected reply's (then the end of turn's) log-probability under `model`, and the
+    model's first departure from it (None if it has none)."""
     ids = tokenizer.encode(expected, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
     logprobs = response_logprobs(model, tokenizer, user(query), ids)
     target = torch.tensor(ids)
+    total = float(logprobs.gather(-1, target.unsqueeze(-1)).sum())
     wrong = (logprobs.argmax(-1) != target).nonzero().flatten().tolist()
     if not wrong:
-        return None
+        return total, None
     at = wrong[0]
     chosen = int(logprobs[at].argmax())
     gap = float(logprobs[at, chosen] - logprobs[at, ids[at]])
-    return Margin(query, gap, len(wrong) - 1, expected, tokenizer.decode([chosen]))
+    return total, Margin(query, gap, len(wrong) - 1, expected, tokenizer.decode([chosen]))
 
 
 def main() -> None:
@@ -74,16 +80,20 @@ def main() -> None:
     margins: list[Margin] = []
     scored = 0
     for key in SAMPLE_SETS:
+        logprobs: dict[str, list[float]] = {}
         for s in samples.get(key, []):
             if "expected" not in s:  # a no-call, refusal or identity probe
                 continue
             scored += 1
-            if s["correct"]:
-                continue
             case = ToolCase(s["expected"]["name"], s["query"], dict(s["expected"]["arguments"]))
-            margin = first_divergence(model, tokenizer, case.query, tool_call_text(case))
-            if margin is not None:
+            logprob, margin = score_expected(model, tokenizer, case.query, tool_call_text(case))
+            logprobs.setdefault(case.tool, []).append(logprob)
+            if margin is not None and not s["correct"]:
                 margins.append(margin)
+        per_tool = ", ".join(f"{tool} {-sum(v) / len(v):.2f}" for tool, v in sorted(logprobs.items()))
+        everything = [lp for v in logprobs.values() for lp in v]
+        if everything:
+            print(f"{key}: mean NLL of the expected reply {-sum(everything) / len(everything):.2f} nats ({per_tool})")
     margins.sort(key=lambda m: (m.later_errors > 0, m.gap))
     print(f"{'gap (nats)':>10}  {'later':>5}  {'model chose':<14}  query")
     for m in margins:
