@@ -190,12 +190,15 @@ def generate_scored(
     do_sample: bool = False,
     seed: int = 0,
     temperature: float = 0.7,
+    stop: Callable[[list[int]], bool] | None = None,
 ) -> list[tuple[list[int], torch.Tensor, bool]]:
     """Generate and keep the model's own full-vocabulary log-probs at every generated position.
 
     Returns (token ids, log-probs [len(ids), V] in bf16, finished) per conversation; when the
     model ended its turn, the end-of-turn token is the last id. Scoring during generation saves
-    a second forward pass over the (long, prompted) teacher context.
+    a second forward pass over the (long, prompted) teacher context. `stop(new_ids)` ends a
+    conversation's generation early once it holds (its ids end there, not finished), so a batch
+    stops when each of its conversations has ended or stopped.
     """
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
@@ -204,14 +207,39 @@ def generate_scored(
     out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
         kwargs = _generation_kwargs(model, max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
+        if stop is not None:
+            kwargs["stopping_criteria"] = [_StopWhen(stop, ids.shape[1])]
         result = model.generate(
             input_ids=ids, attention_mask=mask, return_dict_in_generate=True, output_logits=True, **kwargs
         )
         steps = torch.stack(result.logits, dim=1)  # [B, steps, V]
         for row, i in enumerate(idx):
             new = result.sequences[row, ids.shape[1] :].tolist()
-            finished = eot in new
-            keep = new.index(eot) + 1 if finished else len(new)
+            stopped = _first_stop(stop, new, eot) if stop is not None else None
+            finished = stopped is None and eot in new
+            keep = stopped if stopped is not None else new.index(eot) + 1 if finished else len(new)
             logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1).to(torch.bfloat16).cpu()
             out[i] = (new[:keep], logprobs, finished)
     return out
+
+
+class _StopWhen:
+    """A transformers stopping criterion: per row, whether `stop` holds for its new tokens."""
+
+    def __init__(self, stop: Callable[[list[int]], bool], prompt_length: int) -> None:
+        self.stop = stop
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        rows = [bool(self.stop(row[self.prompt_length :].tolist())) for row in input_ids]
+        return torch.tensor(rows, dtype=torch.bool, device=input_ids.device)
+
+
+def _first_stop(stop: Callable[[list[int]], bool], new: list[int], eot: int) -> int | None:
+    """How many of `new` to keep when `stop` ended the row before its end of turn, else None.
+    (A stopped row is padded after it, and the pad may be the end-of-turn token itself.)"""
+    end = new.index(eot) if eot in new else len(new)
+    for k in range(1, end + 1):
+        if stop(new[:k]):
+            return k
+    return None

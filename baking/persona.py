@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from baking.chat import Message, with_system
-from baking.data import max_sentences, normalize, trim_to_sentences
+from baking.data import max_sentences, normalize, sentences, trim_to_sentences
 from baking.evaluate import REFUSAL, asks_what_demos_refuse
 from baking.generate import generate_scored
 from baking.spec import PersonaExample
@@ -34,6 +34,24 @@ class DistillTarget:
     response_ids: list[int]  # teacher tokens the student is trained on (KL positions)
     teacher_logprobs: torch.Tensor  # [len(response_ids), V], bf16 to halve memory
     end_turn: bool  # supervise <|im_end|> after the response (CE)
+
+
+# How far a teacher answer may run to reach the persona's sentence limit. With the quick
+# profile's 40 tokens, 78 of the fleet job's 95 teacher answers stopped before their limit and
+# before their end, so only 17 showed the student where a turn ends, and its answers ran on past
+# three sentences (brevity probes 0.5; README, Measured). An answer stops once its next
+# sentence begins; the tokens past max_new_tokens are kept only up to an end: the limit or the
+# teacher's own.
+SENTENCE_LIMIT_TOKENS = 160
+
+
+def _past_sentence_limit(tokenizer: Any, limit: int) -> Callable[[list[int]], bool]:
+    """Whether an answer's tokens have begun the sentence after the limit (trim_to_sentences cuts there)."""
+
+    def past(ids: list[int]) -> bool:
+        return len(sentences(tokenizer.decode(ids, skip_special_tokens=True))) > limit
+
+    return past
 
 
 def _close_to_demo(query: str, demos: Sequence[PersonaExample]) -> bool:
@@ -84,11 +102,15 @@ def build_distill_targets(
     for _ in range(samples):
         conversations += [with_system(system_prompt, [{"role": "user", "content": q}]) for q in kept_queries]
         asked += kept_queries
+    # With a sentence limit, answers run on until they pass it (at most SENTENCE_LIMIT_TOKENS),
+    # so the turn's end is taught where the guideline puts it; see SENTENCE_LIMIT_TOKENS.
+    stop = None if limit is None else _past_sentence_limit(tokenizer, limit)
+    budget = max_new_tokens if limit is None else max(max_new_tokens, SENTENCE_LIMIT_TOKENS)
     scored: list[tuple[list[int], torch.Tensor, bool]] = []
     for k in range(samples):  # the first sample greedy, any further ones sampled
         part = conversations[k * len(kept_queries) : (k + 1) * len(kept_queries)]
         scored += generate_scored(
-            teacher, tokenizer, part, max_new_tokens=max_new_tokens, do_sample=k > 0, seed=seed + k
+            teacher, tokenizer, part, max_new_tokens=budget, do_sample=k > 0, seed=seed + k, stop=stop
         )
         if should_stop is not None:
             should_stop()
@@ -109,6 +131,10 @@ def build_distill_targets(
             k = _tokens_covering(tokenizer, body, len(trimmed))
             ids, logprobs = body[:k], logprobs[:k]
             stats["trimmed_to_limit"] += 1
+        elif not finished and len(ids) > max_new_tokens:
+            # neither ended nor reached the limit: past max_new_tokens it teaches no end, only cost
+            ids, logprobs = ids[:max_new_tokens], logprobs[:max_new_tokens]
+            trimmed = tokenizer.decode(ids, skip_special_tokens=True).strip()
         targets.append(DistillTarget(query, trimmed, list(ids), logprobs, end_turn=cut))
         stats["kept"] += 1
     return targets, stats

@@ -62,3 +62,22 @@ def test_compiled_decoding_generates_what_eager_decoding_does(tiny_model_dir: Pa
     assert hasattr(model, "_compiled_call")  # transformers took the compiled path, on a CPU
     for a, b in zip(eager, compiled, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_stop_predicate_ends_each_conversation_where_it_first_holds(tiny_model_dir: Path) -> None:
+    """`stop` cuts a row at the first length where it holds, reported as not finished (the
+    stopped row's pad may be the end-of-turn token itself); the log-probs are those of the run
+    without it, cut at the same place."""
+    import torch
+
+    model, tokenizer = load_model(tiny_model_dir, torch.device("cpu")), load_tokenizer(tiny_model_dir)
+    conversations = [user(q) for q in ("What is the coolant temperature?", "Hi!", "Convert 65 mph to km/h.")]
+    free = generate_scored(model, tokenizer, conversations, max_new_tokens=12)
+    stopped = generate_scored(model, tokenizer, conversations, max_new_tokens=12, stop=lambda ids: len(ids) >= 5)
+    assert any(not finished for _, _, finished in stopped)  # the predicate, not the turn, ended some row
+    for (ids, logprobs, finished), (ids_free, logprobs_free, finished_free) in zip(stopped, free, strict=True):
+        if finished_free and len(ids_free) <= 5:  # the turn ended before the predicate could hold
+            assert (ids, finished) == (ids_free, True)
+            continue
+        assert ids == ids_free[:5] and not finished and logprobs.shape[0] == 5
+        torch.testing.assert_close(logprobs.float(), logprobs_free[:5].float())

@@ -130,3 +130,48 @@ def test_refused_requests_are_judged_as_refusals_not_as_fidelity_to_the_teacher(
     assert fidelity["persona_top1"] == 1.0 and fidelity["persona_kl"] == 0.0
     # the same teacher answers scored on the teacher model without its prompt: what baking added
     assert fidelity["persona_top1_unbaked"] == 0.0 and fidelity["persona_kl_unbaked"] > 0.0
+
+
+def test_teacher_answers_run_to_the_sentence_limit_and_teach_the_end_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a sentence limit, the teacher may write past max_new_tokens (SENTENCE_LIMIT_TOKENS)
+    and stops once the sentence after the limit begins: that answer is cut at the limit and its
+    end of turn is supervised. An answer that reached neither its end nor the limit keeps only
+    max_new_tokens tokens, as without a limit."""
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    replies = {
+        "Why do brakes fade?": "Heat builds up. The pads glaze over. The fluid can boil. Then the pedal sinks.",
+        "What is torque?": "Torque is a turning force " + "and it matters " * 30,
+    }
+    seen: dict[str, Any] = {}
+
+    def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **kwargs: Any) -> list:
+        seen.update(kwargs)
+        out = []
+        for conversation in conversations:
+            ids = tok(replies[conversation[-1]["content"]])["input_ids"][: kwargs["max_new_tokens"]]
+            stop = kwargs["stop"]
+            cut = next((k for k in range(1, len(ids) + 1) if stop(ids[:k])), len(ids))
+            out.append((ids[:cut], torch.zeros(cut, 8, dtype=torch.bfloat16), False))
+        return out
+
+    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
+    targets, stats = bpersona.build_distill_targets(
+        None,
+        tokenizer,
+        list(replies),
+        system_prompt="You are Ada.",
+        guidelines=["Answer in at most three sentences."],
+        demos=[],
+        max_new_tokens=8,
+        samples=1,
+        seed=0,
+    )
+    assert seen["max_new_tokens"] == bpersona.SENTENCE_LIMIT_TOKENS
+    by_query = {t.query: t for t in targets}
+    fade = by_query["Why do brakes fade?"]
+    assert fade.response == "Heat builds up. The pads glaze over. The fluid can boil." and fade.end_turn
+    assert tokenizer.decode(fade.response_ids).strip() == fade.response
+    assert len(fade.response_ids) > 8 and fade.teacher_logprobs.shape[0] == len(fade.response_ids)
+    torque = by_query["What is torque?"]
+    assert len(torque.response_ids) == 8 and torque.teacher_logprobs.shape[0] == 8 and not torque.end_turn
+    assert stats["trimmed_to_limit"] == 1 and stats["kept"] == 2
