@@ -216,8 +216,11 @@ def generate_scored(
         for row, i in enumerate(idx):
             new = result.sequences[row, ids.shape[1] :].tolist()
             stopped = _first_stop(stop, new, eot) if stop is not None else None
-            finished = stopped is None and eot in new
-            keep = stopped if stopped is not None else new.index(eot) + 1 if finished else len(new)
+            if stopped is not None:
+                keep, finished = stopped, False
+            else:
+                finished = eot in new
+                keep = new.index(eot) + 1 if finished else len(new)
             logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1).to(torch.bfloat16).cpu()
             out[i] = (new[:keep], logprobs, finished)
     return out
