@@ -60,7 +60,7 @@ if [ "$PART" != compress ]; then
   reserve=30; [ "$PART" = all ] && reserve=240  # what the compress run keeps
   budget=$((DEADLINE - SECONDS - reserve))
   timeout $budget python3 benchmarks/bake_quality.py --profile "$PROFILE" --device cuda \
-    --models-dir /tmp/models 2>&1 | grep -v "Loading weights" | tee "$OUT/bake.log"
+    --models-dir /tmp/models 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/bake.log"
   [ -f "$MERGED/model.safetensors" ] && python3 benchmarks/lowrank_delta.py encode /tmp/models/smollm2-135m-instruct \
     "$MERGED" "$OUT/delta" 2>&1 | tee -a "$OUT/bake.log"
 fi
@@ -69,7 +69,7 @@ if [ "$PART" = compress ] && [ -d .gpu/bake ] && [ ! -f "$MERGED/model.safetenso
 fi
 if [ "$PART" != bake ] && [ -f "$MERGED/model.safetensors" ]; then
   timeout $((DEADLINE - SECONDS)) python3 benchmarks/compress.py "$MERGED" --original /tmp/models/smollm2-135m-instruct \
-    --device cuda --torchao --compile --no-pruning --requests 8 --only "$ONLY" 2>&1 | grep -v "Loading weights" | tee "$OUT/compress.log"
+    --device cuda --torchao --compile --no-pruning --requests 8 --only "$ONLY" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/compress.log"
 fi
 tar czf "$OUT/results.tgz" --exclude='*.safetensors' benchmarks/results 2>/dev/null
 ls -la "$OUT" "$OUT/delta" 2>/dev/null
