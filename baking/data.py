@@ -637,3 +637,12 @@ def trim_to_sentences(text: str, limit: int | None) -> tuple[str, bool]:
     if limit is not None and len(parts) > limit:
         return " ".join(parts[:limit]), True
     return text.strip(), False
+
+
+def tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:
+    """Smallest k such that the first k tokens decode to at least n_chars (stripped) characters:
+    where a response's tokens end once trim_to_sentences has cut its text."""
+    for k in range(1, len(ids) + 1):
+        if len(tokenizer.decode(ids[:k], skip_special_tokens=True).strip()) >= n_chars:
+            return k
+    return len(ids)

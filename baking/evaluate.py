@@ -19,8 +19,10 @@ from baking.data import (
     max_sentences,
     normalize,
     sentences,
+    tokens_covering,
     tool_call_text,
     tool_conversation,
+    trim_to_sentences,
 )
 from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
@@ -217,6 +219,7 @@ def persona_fidelity(
     system_prompt: str,
     max_new_tokens: int,
     demos: Sequence[PersonaExample] = (),
+    sentence_limit: int | None = None,
 ) -> dict[str, Any]:
     """Mean per-token KL(prompted teacher || unprompted student) and top-1 agreement on the
     teacher's greedy responses to held-out persona queries.
@@ -226,6 +229,11 @@ def persona_fidelity(
     (training drops the same answers), and such queries are judged as refusal probes instead
     (`guideline_probes`). Measured otherwise, a student that rightly refuses a speed-limiter
     removal scores as unfaithful to a teacher that explains it.
+
+    Likewise a teacher answer that runs past the persona's `sentence_limit` is scored only up to
+    the limit and counted (`persona_answers_cut_at_limit`), where training cuts the same answers
+    and teaches the end of the turn: past it the prompted original breaks its own guideline, and
+    a student that rightly ends its turn there would be scored as unfaithful (README, Measured).
 
     `persona_kl_unbaked` / `persona_top1_unbaked` score the teacher model itself without the
     prompt the same way: what the student would get with no baking at all, so the figures say
@@ -238,17 +246,24 @@ def persona_fidelity(
             "persona_top1_unbaked": None,
             "tokens": 0,
             "persona_queries_left_to_refusals": 0,
+            "persona_answers_cut_at_limit": 0,
         }
     scored = generate_scored(
         teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries], max_new_tokens=max_new_tokens
     )
-    kl_sum, agree, unbaked_kl_sum, unbaked_agree, tokens, left_out = 0.0, 0, 0.0, 0, 0, 0
+    kl_sum, agree, unbaked_kl_sum, unbaked_agree, tokens, left_out, cut_count = 0.0, 0, 0.0, 0, 0, 0, 0
     for q, (ids, teacher_lp, _) in zip(queries, scored, strict=True):
         if not ids:
             continue
-        if asks_what_demos_refuse(q, demos) and not REFUSAL.search(tokenizer.decode(ids, skip_special_tokens=True)):
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if asks_what_demos_refuse(q, demos) and not REFUSAL.search(text):
             left_out += 1
             continue
+        trimmed, cut = trim_to_sentences(text, sentence_limit)
+        if cut:
+            ids = ids[: tokens_covering(tokenizer, ids, len(trimmed))]
+            teacher_lp = teacher_lp[: len(ids)]
+            cut_count += 1
         t = teacher_lp.float()
         s = response_logprobs(student, tokenizer, user(q), ids).float().to(t.device)
         u = response_logprobs(teacher, tokenizer, user(q), ids).float().to(t.device)
@@ -264,6 +279,7 @@ def persona_fidelity(
         "persona_top1_unbaked": unbaked_agree / tokens if tokens else None,
         "tokens": tokens,
         "persona_queries_left_to_refusals": left_out,
+        "persona_answers_cut_at_limit": cut_count,
     }
 
 

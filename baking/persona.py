@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from baking.chat import Message, with_system
-from baking.data import max_sentences, normalize, sentences, trim_to_sentences
+from baking.data import max_sentences, normalize, sentences, tokens_covering, trim_to_sentences
 from baking.evaluate import REFUSAL, asks_what_demos_refuse
 from baking.generate import generate_scored
 from baking.spec import PersonaExample
@@ -61,14 +61,6 @@ def _close_to_demo(query: str, demos: Sequence[PersonaExample]) -> bool:
         if q and u and len(q & u) / len(q | u) >= 0.6:
             return True
     return False
-
-
-def _tokens_covering(tokenizer: Any, ids: list[int], n_chars: int) -> int:
-    """Smallest k such that the first k tokens decode to at least n_chars (stripped) characters."""
-    for k in range(1, len(ids) + 1):
-        if len(tokenizer.decode(ids[:k], skip_special_tokens=True).strip()) >= n_chars:
-            return k
-    return len(ids)
 
 
 def build_distill_targets(
@@ -128,7 +120,7 @@ def build_distill_targets(
             continue
         trimmed, cut = trim_to_sentences(text, limit)
         if cut:
-            k = _tokens_covering(tokenizer, body, len(trimmed))
+            k = tokens_covering(tokenizer, body, len(trimmed))
             ids, logprobs = body[:k], logprobs[:k]
             stats["trimmed_to_limit"] += 1
         elif not finished and len(ids) > max_new_tokens:

@@ -581,6 +581,7 @@ def _validate(
                         system_prompt=system_prompt,
                         max_new_tokens=preset.max_new_tokens,
                         demos=split.train_persona_examples,
+                        sentence_limit=bdata.max_sentences(persona.guidelines),
                     ).items()
                     if k != "tokens"
                 }

@@ -175,3 +175,49 @@ def test_teacher_answers_run_to_the_sentence_limit_and_teach_the_end_there(monke
     torque = by_query["What is torque?"]
     assert len(torque.response_ids) == 8 and torque.teacher_logprobs.shape[0] == 8 and not torque.end_turn
     assert stats["trimmed_to_limit"] == 1 and stats["kept"] == 2
+
+
+def test_fidelity_scores_a_teacher_answer_only_up_to_the_sentence_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the persona's sentence limit the prompted teacher breaks its own guideline, and
+    training cuts its answer there: a student that ends its turn at the limit must not be scored
+    as unfaithful for the teacher's fourth sentence."""
+    tokenizer = load_tokenizer(TOKENIZER_DIR)
+    query, answer = (
+        "Why do brakes fade?",
+        "Heat builds up. The pads glaze over. The fluid can boil. Then the pedal sinks.",
+    )
+    ids = tokenizer(answer)["input_ids"]
+    within = len(tokenizer("Heat builds up. The pads glaze over. The fluid can boil.")["input_ids"])
+    assert 0 < within < len(ids)
+
+    def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **_: Any) -> list:
+        return [(ids, torch.zeros(len(ids), 8, dtype=torch.bfloat16), False) for _ in conversations]
+
+    monkeypatch.setattr(bevaluate, "generate_scored", fake_generate)
+
+    def fake_logprobs(model: str, tok: Any, prompt: list[Message], response: list[int]) -> torch.Tensor:
+        # teacher-like (all-zero scores) within three sentences; the student would end its turn
+        # after them, so its fourth sentence prefers another token
+        out = torch.zeros(len(response), 8)
+        out[within:] = torch.log_softmax(torch.tensor([0.0, 5.0] + [0.0] * 6), dim=-1)
+        return out
+
+    monkeypatch.setattr(bevaluate, "response_logprobs", fake_logprobs)
+
+    def fidelity(limit: int | None) -> dict[str, Any]:
+        return bevaluate.persona_fidelity(
+            "teacher",
+            "student",
+            tokenizer,
+            [query],
+            system_prompt="You are Ada.",
+            max_new_tokens=64,
+            sentence_limit=limit,
+        )
+
+    limited = fidelity(3)
+    assert limited["tokens"] == within and limited["persona_answers_cut_at_limit"] == 1
+    assert limited["persona_top1"] == 1.0 and limited["persona_kl"] == 0.0
+    unlimited = fidelity(None)
+    assert unlimited["tokens"] == len(ids) and unlimited["persona_answers_cut_at_limit"] == 0
+    assert unlimited["persona_top1"] == within / len(ids) and unlimited["persona_kl"] > 0.0
