@@ -13,8 +13,9 @@
 # the result files, not on `pgrep -f bake_quality.py`: that pattern matches the waiting command's
 # own command line, so such a wait never ends early.
 # Measured: on an H100 (2026-11-27, four other settings) 8.0 min per bake with four at once; on
-# an H200 (2026-12-04, with the sentence-limit teacher answers) 9.9 min per 400-step bake with
-# four at once (teacher 2.5, 400 steps 3.1, validation 2.9), so a 720-step arm needs a second call.
+# an H200 (2026-12-04, with the sentence-limit teacher answers) 9.9–10.2 min per 400-step bake
+# with four at once (teacher 2.5–2.9, 400 steps 3.0–3.1, validation 2.9–3.0), so a longer arm
+# needs the detached run.
 set -uo pipefail
 DEADLINE=${DEADLINE:-540}
 ARMS=${ARMS:-0:400 1:400 2:400 3:400}
