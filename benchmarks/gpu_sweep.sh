@@ -19,7 +19,7 @@
 set -uo pipefail
 DEADLINE=${DEADLINE:-540}
 ARMS=${ARMS:-0:400 1:400 2:400 3:400}
-SWEEP=${SWEEP:-$OUT}
+SWEEP=${SWEEP:-${OUT:-/tmp/gpu-out}}
 mkdir -p /tmp/sweep-results "$SWEEP"
 PART=convert bash benchmarks/gpu_check.sh || exit 1  # wheels into /tmp/site, the base into /tmp/models
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
@@ -32,9 +32,11 @@ run() {
 }
 for arm in $ARMS; do
   seed=${arm%%:*} steps=${arm##*:}
-  sed "s/^  seed: 0$/  seed: $seed/" examples/fleet-assistant.yaml > /tmp/sweep-seed$seed.yaml
-  grep -q "^  seed: $seed$" /tmp/sweep-seed$seed.yaml || exit 1
-  run "seed$seed-steps$steps" --no-compile --steps "$steps" --job /tmp/sweep-seed$seed.yaml &
+  name=seed$seed-steps$steps
+  job=/tmp/sweep-$name.yaml  # one job file per arm: no arm rewrites a file another is reading
+  sed "s/^  seed: 0$/  seed: $seed/" examples/fleet-assistant.yaml > "$job"
+  grep -q "^  seed: $seed$" "$job" || exit 1
+  run "$name" --no-compile --steps "$steps" --job "$job" &
 done
 wait
 ls -la "$SWEEP"
