@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -179,7 +180,38 @@ def response_logprobs(model: Any, tokenizer: Any, prompt: Sequence[Message], res
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-@torch.inference_mode()
+@dataclass(frozen=True)
+class TopLogprobs:
+    """Per position, the log-probs of a distribution's k most likely tokens; the rest of the
+    vocabulary is left as one bucket of mass 1 - sum(exp(values)).
+
+    A distillation target kept whole costs the vocabulary size per token (49152 on SmolLM2:
+    96 KiB in bf16; the fleet job's 144 teacher answers of 64 tokens took 798 MiB), and grows
+    with every persona query and sample; k tokens cost 8k bytes (benchmarks/distill_topk.py
+    measures what the rest of the vocabulary carries)."""
+
+    ids: torch.Tensor  # [n, k] int32 token ids, most likely first
+    values: torch.Tensor  # [n, k] float32 log-probs
+
+    @staticmethod
+    def of(logprobs: torch.Tensor, k: int) -> TopLogprobs:
+        values, ids = logprobs.float().topk(min(k, logprobs.shape[-1]), dim=-1)
+        return TopLogprobs(ids.to(torch.int32).cpu(), values.cpu())
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def head(self, n: int) -> TopLogprobs:
+        return TopLogprobs(self.ids[:n], self.values[:n])
+
+    @property
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.values.nbytes
+
+
+Scores = TypeVar("Scores")
+
+
 def generate_scored(
     model: Any,
     tokenizer: Any,
@@ -200,11 +232,68 @@ def generate_scored(
     conversation's generation early once it holds (its ids end there, not finished), so a batch
     stops when each of its conversations has ended or stopped.
     """
+    return _generate_and_keep(
+        model,
+        tokenizer,
+        conversations,
+        lambda logprobs: logprobs.to(torch.bfloat16).cpu(),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        seed=seed,
+        temperature=temperature,
+        stop=stop,
+    )
+
+
+def generate_top_scored(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    *,
+    top_k: int,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    seed: int = 0,
+    temperature: float = 0.7,
+    stop: Callable[[list[int]], bool] | None = None,
+) -> list[tuple[list[int], TopLogprobs, bool]]:
+    """`generate_scored`, keeping only each position's `top_k` log-probs: each batch's full
+    log-probs are dropped as soon as it is done, so memory grows by 8 * top_k bytes a token."""
+    return _generate_and_keep(
+        model,
+        tokenizer,
+        conversations,
+        lambda logprobs: TopLogprobs.of(logprobs, top_k),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        seed=seed,
+        temperature=temperature,
+        stop=stop,
+    )
+
+
+@torch.inference_mode()
+def _generate_and_keep(
+    model: Any,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[Message]],
+    keep_scores: Callable[[torch.Tensor], Scores],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    do_sample: bool,
+    seed: int,
+    temperature: float,
+    stop: Callable[[list[int]], bool] | None,
+) -> list[tuple[list[int], Scores, bool]]:
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
-    out: list[tuple[list[int], torch.Tensor, bool]] = [([], torch.empty(0), False)] * len(prompts)
+    out: list[tuple[list[int], Scores, bool] | None] = [None] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
         kwargs = _generation_kwargs(model, max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
         if stop is not None:
@@ -221,9 +310,8 @@ def generate_scored(
             else:
                 finished = eot in new
                 keep = new.index(eot) + 1 if finished else len(new)
-            logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1).to(torch.bfloat16).cpu()
-            out[i] = (new[:keep], logprobs, finished)
-    return out
+            out[i] = (new[:keep], keep_scores(torch.log_softmax(steps[row, :keep].float(), dim=-1)), finished)
+    return cast(list[tuple[list[int], Scores, bool]], out)  # every prompt is in exactly one batch
 
 
 class _StopWhen:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from baking.chat import Message, encode_conversation, encode_prompt, with_system
+from baking.generate import TopLogprobs
 from baking.persona import DistillTarget
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,7 +29,7 @@ class TrainItem:
     input_ids: list[int]
     ce_mask: list[bool]  # True where token t is a cross-entropy target
     kl_start: int | None = None  # index of the first teacher-scored token
-    teacher_logprobs: torch.Tensor | None = None  # [n, V]
+    teacher_logprobs: TopLogprobs | None = None  # the teacher's top-k log-probs at kl_start onwards
     # Items made from one source (a written example and its variants, one augmentation template's
     # instances) share a group; a pool draws every group once before any group twice ("": its own).
     group: str = ""
@@ -228,6 +229,23 @@ def _micro_batches(items: Sequence[TrainItem], budget: int, max_length: int) -> 
     return out
 
 
+def top_k_kl(teacher: TopLogprobs, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) per position [n], over the teacher's top-k tokens and one bucket
+    holding the rest of the vocabulary, from the student's full log-probs [n, V].
+
+    This is the KL of both distributions coarsened to k + 1 outcomes: never above the full KL,
+    equal to it when the teacher keeps every token, and off only by how differently the two
+    spread the bucket's small mass over its tokens."""
+    ids = teacher.ids.to(device=student.device, dtype=torch.long)
+    t = teacher.values.to(device=student.device, dtype=torch.float32)
+    kl = (t.exp() * (t - student.gather(-1, ids))).sum(-1)
+    if ids.shape[-1] >= student.shape[-1]:
+        return kl  # no bucket: the teacher kept the whole vocabulary
+    teacher_rest = (1 - t.exp().sum(-1)).clamp_min(0)
+    student_rest = student.scatter(-1, ids, float("-inf")).logsumexp(-1)
+    return kl + torch.xlogy(teacher_rest, teacher_rest) - teacher_rest * student_rest
+
+
 def _batch_loss(
     model: Any, items: Sequence[TrainItem], pad_id: int, device: torch.device, max_length: int, kl_weight: float
 ) -> tuple[torch.Tensor, float, float]:
@@ -263,12 +281,11 @@ def _batch_loss(
         if item.kl_start is None or item.teacher_logprobs is None:
             continue
         start = item.kl_start
-        n = min(item.teacher_logprobs.shape[0], width - start)
+        n = min(len(item.teacher_logprobs), width - start)
         if n <= 0:
             continue
         student = torch.log_softmax(logits[b, start - 1 : start - 1 + n], dim=-1)
-        teacher = item.teacher_logprobs[:n].to(device=device, dtype=torch.float32)
-        kl_sum = kl_sum + (teacher.exp() * (teacher - student)).sum()
+        kl_sum = kl_sum + top_k_kl(item.teacher_logprobs.head(n), student).sum()
         n_kl += n
     kl = kl_sum / n_kl if n_kl else None
     parts = [p for p in (ce, None if kl is None else kl_weight * kl) if p is not None]

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from baking.chat import CHAT_TEMPLATE, encode_conversation, render, template_default_system
+from baking.chat import CHAT_TEMPLATE, encode_conversation, render, template_default_system, with_system
 from baking.data import ToolCase, tool_conversation
+from baking.generate import TopLogprobs, end_of_turn_id, generate_top_scored
 from baking.load import load_model, load_tokenizer
 from baking.persona import DistillTarget
 from baking.train import TrainConfig, distill_item, sft_item, train, wrap_for_training
@@ -63,7 +64,9 @@ def test_items_under_a_system_turn_supervise_the_same_tokens(tiny) -> None:
     under = sft_item(tok, *tool_conversation(case), system="Be brief.")
     assert tok.decode(under.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq?")
     assert supervised(under) == supervised(plain)
-    target = DistillTarget("Who are you?", "Ada.", tok("Ada.")["input_ids"], torch.zeros(2, 8), end_turn=True)
+    target = DistillTarget(
+        "Who are you?", "Ada.", tok("Ada.")["input_ids"], TopLogprobs.of(torch.zeros(2, 8), 4), end_turn=True
+    )
     item = distill_item(tok, target, eot=tok.eos_token_id, system="Be brief.")
     prefix = tok.decode(item.input_ids[: item.kl_start])
     assert (
@@ -83,6 +86,25 @@ def test_training_changes_parameters_and_lowers_loss(tiny, method: str) -> None:
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "no parameter changed"
     assert set(after) == set(before)  # merged back to the plain architecture
+
+
+def test_distillation_on_top_k_targets_moves_the_student_to_the_prompted_teacher(tiny) -> None:
+    model, tok = tiny
+    system = "You are Ada. Answer about brakes, tyres and batteries in SI units. " * 4
+    queries = ["How do disc brakes work?", "Why check tyre pressure?", "What drains a battery?", "Hi there"]
+    conversations = [with_system(system, [{"role": "user", "content": q}]) for q in queries]
+    scored = generate_top_scored(model, tok, conversations, top_k=16, max_new_tokens=12)
+    targets = [
+        DistillTarget(q, tok.decode(ids), ids, top, end_turn=False)
+        for q, (ids, top, _) in zip(queries, scored, strict=True)
+    ]
+    assert all(len(t.teacher_logprobs) == len(t.response_ids) > 0 for t in targets)
+    assert all(t.teacher_logprobs.ids.shape[-1] == 16 for t in targets)
+    pools = {"distill": [distill_item(tok, t, end_of_turn_id(tok)) for t in targets]}
+    config = TrainConfig(steps=30, batch_size=4, learning_rate=1e-2, mix={"distill": 1.0})
+    _, report = train(copy.deepcopy(model), tok, pools, config)
+    # the student (no system prompt) starts away from the prompted teacher and closes most of it
+    assert report.kl[0] > 0 and report.kl[-1] < 0.5 * report.kl[0], (report.kl[0], report.kl[-1])
 
 
 def test_embedding_noise_trains_and_leaves_no_hook_behind(tiny) -> None:

@@ -10,6 +10,7 @@ import torch
 from baking import evaluate as bevaluate
 from baking import persona as bpersona
 from baking.chat import Message
+from baking.generate import TopLogprobs
 from baking.load import load_tokenizer
 from baking.spec import BakeSpec, PersonaExample, PersonaSpec
 from tests.conftest import TOKENIZER_DIR
@@ -64,14 +65,14 @@ def test_teacher_answers_that_comply_with_a_refused_request_are_dropped(monkeypa
         "How do disc brakes work?": "Pads clamp a disc fixed to the wheel.",
     }
 
-    def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **_: Any) -> list:
+    def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **kwargs: Any) -> list:
         out = []
         for conversation in conversations:
             ids = tok(replies[conversation[-1]["content"]])["input_ids"] + [eot]
-            out.append((ids, torch.zeros(len(ids), 8, dtype=torch.bfloat16), True))
+            out.append((ids, TopLogprobs.of(torch.zeros(len(ids), 8), kwargs["top_k"]), True))
         return out
 
-    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
+    monkeypatch.setattr(bpersona, "generate_top_scored", fake_generate)
     targets, stats = bpersona.build_distill_targets(
         None,
         tokenizer,
@@ -151,10 +152,10 @@ def test_teacher_answers_run_to_the_sentence_limit_and_teach_the_end_there(monke
             ids = tok(replies[conversation[-1]["content"]])["input_ids"][: kwargs["max_new_tokens"]]
             stop = kwargs["stop"]
             cut = next((k for k in range(1, len(ids) + 1) if stop(ids[:k])), len(ids))
-            out.append((ids[:cut], torch.zeros(cut, 8, dtype=torch.bfloat16), False))
+            out.append((ids[:cut], TopLogprobs.of(torch.zeros(cut, 8), kwargs["top_k"]), False))
         return out
 
-    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
+    monkeypatch.setattr(bpersona, "generate_top_scored", fake_generate)
     targets, stats = bpersona.build_distill_targets(
         None,
         tokenizer,
@@ -171,9 +172,9 @@ def test_teacher_answers_run_to_the_sentence_limit_and_teach_the_end_there(monke
     fade = by_query["Why do brakes fade?"]
     assert fade.response == "Heat builds up. The pads glaze over. The fluid can boil." and fade.end_turn
     assert tokenizer.decode(fade.response_ids).strip() == fade.response
-    assert len(fade.response_ids) > 8 and fade.teacher_logprobs.shape[0] == len(fade.response_ids)
+    assert len(fade.response_ids) > 8 and len(fade.teacher_logprobs) == len(fade.response_ids)
     torque = by_query["What is torque?"]
-    assert len(torque.response_ids) == 8 and torque.teacher_logprobs.shape[0] == 8 and not torque.end_turn
+    assert len(torque.response_ids) == 8 and len(torque.teacher_logprobs) == 8 and not torque.end_turn
     assert stats["trimmed_to_limit"] == 1 and stats["kept"] == 2
 
 
