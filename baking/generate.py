@@ -183,30 +183,34 @@ def response_logprobs(model: Any, tokenizer: Any, prompt: Sequence[Message], res
 @dataclass(frozen=True)
 class TopLogprobs:
     """Per position, the log-probs of a distribution's k most likely tokens; the rest of the
-    vocabulary is left as one bucket of mass 1 - sum(exp(values)).
+    vocabulary is left as one bucket of mass 1 - sum(exp(values)). With `ids` None, `values`
+    is the whole vocabulary's log-probs (in bf16) and there is no bucket.
 
     A distillation target kept whole costs the vocabulary size per token (49152 on SmolLM2:
     96 KiB in bf16; the fleet job's 144 teacher answers of 64 tokens took 798 MiB), and grows
     with every persona query and sample; k tokens cost 8k bytes (benchmarks/distill_topk.py
     measures what the rest of the vocabulary carries)."""
 
-    ids: torch.Tensor  # [n, k] int32 token ids, most likely first
-    values: torch.Tensor  # [n, k] float32 log-probs
+    ids: torch.Tensor | None  # [n, k] int32 token ids, most likely first; None: every token
+    values: torch.Tensor  # [n, k] float32 log-probs, or [n, V] bf16 when ids is None
 
     @staticmethod
     def of(logprobs: torch.Tensor, k: int) -> TopLogprobs:
+        """The top `k` of log-probs [n, V]; k = 0 keeps them all."""
+        if k == 0:
+            return TopLogprobs(None, logprobs.to(torch.bfloat16).cpu())
         values, ids = logprobs.float().topk(min(k, logprobs.shape[-1]), dim=-1)
         return TopLogprobs(ids.to(torch.int32).cpu(), values.cpu())
 
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return int(self.values.shape[0])
 
     def head(self, n: int) -> TopLogprobs:
-        return TopLogprobs(self.ids[:n], self.values[:n])
+        return TopLogprobs(None if self.ids is None else self.ids[:n], self.values[:n])
 
     @property
     def nbytes(self) -> int:
-        return self.ids.nbytes + self.values.nbytes
+        return (0 if self.ids is None else self.ids.nbytes) + self.values.nbytes
 
 
 Scores = TypeVar("Scores")
@@ -259,8 +263,9 @@ def generate_top_scored(
     temperature: float = 0.7,
     stop: Callable[[list[int]], bool] | None = None,
 ) -> list[tuple[list[int], TopLogprobs, bool]]:
-    """`generate_scored`, keeping only each position's `top_k` log-probs: each batch's full
-    log-probs are dropped as soon as it is done, so memory grows by 8 * top_k bytes a token."""
+    """`generate_scored`, keeping only each position's `top_k` log-probs (0: all of them): each
+    batch's full log-probs are dropped as soon as it is done, so memory grows by 8 * top_k
+    bytes a token."""
     return _generate_and_keep(
         model,
         tokenizer,

@@ -21,7 +21,7 @@ from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, sentences, tokens_covering, trim_to_sentences
 from baking.evaluate import REFUSAL, asks_what_demos_refuse
 from baking.generate import TopLogprobs, generate_top_scored
-from baking.spec import PersonaExample
+from baking.spec import DEFAULT_DISTILL_TOP_K, PersonaExample
 from baking.toolcalls import has_tool_call
 
 
@@ -30,7 +30,7 @@ class DistillTarget:
     query: str
     response: str
     response_ids: list[int]  # teacher tokens the student is trained on (KL positions)
-    teacher_logprobs: TopLogprobs  # the teacher's DISTILL_TOP_K most likely tokens at each response position
+    teacher_logprobs: TopLogprobs  # the teacher's top-k tokens (or whole vocabulary) at each response position
     end_turn: bool  # supervise <|im_end|> after the response (CE)
 
 
@@ -41,13 +41,6 @@ class DistillTarget:
 # sentence begins; the tokens past max_new_tokens are kept only up to an end: the limit or the
 # teacher's own.
 SENTENCE_LIMIT_TOKENS = 160
-
-# Distillation keeps the teacher's 256 most likely tokens per position and one bucket for the
-# rest of the vocabulary (train.top_k_kl). On the fleet job's teacher answers those hold 98% of
-# the mass, and the KL's gradient over every weight has cosine 0.999 with the full vocabulary's
-# and 0.95 of its norm (64 tokens: 0.995 and 0.88), for 2 KiB a token instead of 96 KiB
-# (benchmarks/distill_topk.py; README, Measured).
-DISTILL_TOP_K = 256
 
 
 def _past_sentence_limit(tokenizer: Any, limit: int) -> Callable[[list[int]], bool]:
@@ -79,7 +72,7 @@ def build_distill_targets(
     max_new_tokens: int,
     samples: int,
     seed: int,
-    top_k: int = DISTILL_TOP_K,
+    top_k: int = DEFAULT_DISTILL_TOP_K,
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], None] | None = None,
 ) -> tuple[list[DistillTarget], dict[str, int]]:

@@ -266,6 +266,7 @@ def _train(run: _Run, original: Any, tokenizer: Any, split: bdata.Split, system_
         max_new_tokens=preset.max_new_tokens,
         samples=preset.persona_samples,
         seed=spec.training.seed,
+        top_k=spec.training.distill_top_k,
         on_progress=lambda i, n: run.progress(i, n, "teacher targets"),
         should_stop=run.check,
     )

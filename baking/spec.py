@@ -131,6 +131,14 @@ class TargetsSpec:
 DEFAULT_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
 
 
+# Persona distillation keeps the teacher's 256 most likely tokens per position and one bucket
+# for the rest of the vocabulary (baking.train.top_k_kl). On the fleet job's teacher answers those
+# hold 98% of the mass, and the KL's gradient over every weight has cosine 0.999 with the whole
+# vocabulary's and 0.95 of its norm (64 tokens: 0.995 and 0.88), for 2 KiB a token instead of
+# 96 KiB (benchmarks/distill_topk.py; README, Measured). 0 keeps the whole vocabulary.
+DEFAULT_DISTILL_TOP_K = 256
+
+
 @dataclass(frozen=True)
 class TrainingSpec:
     method: str = "lora"  # lora (merged at the end) | full
@@ -139,9 +147,11 @@ class TrainingSpec:
     seed: int = 0
     lora_rank: int = 16
     batch_size: int | None = None  # None: the profile's preset
+    distill_top_k: int = DEFAULT_DISTILL_TOP_K  # teacher tokens kept per position; 0: the whole vocabulary
 
     def __post_init__(self) -> None:
         _require(self.method in ("lora", "full"), "training.method", "lora or full")
+        _require(self.distill_top_k >= 0, "training.distill_top_k", "must be >= 0 (0: the whole vocabulary)")
         _require(self.steps is None or self.steps >= 1, "training.steps", "must be >= 1")
         _require(
             self.learning_rate is None or 0 < self.learning_rate <= 1, "training.learning_rate", "must be in (0, 1]"

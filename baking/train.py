@@ -236,8 +236,10 @@ def top_k_kl(teacher: TopLogprobs, student: torch.Tensor) -> torch.Tensor:
     This is the KL of both distributions coarsened to k + 1 outcomes: never above the full KL,
     equal to it when the teacher keeps every token, and off only by how differently the two
     spread the bucket's small mass over its tokens."""
-    ids = teacher.ids.to(device=student.device, dtype=torch.long)
     t = teacher.values.to(device=student.device, dtype=torch.float32)
+    if teacher.ids is None:  # the whole vocabulary
+        return (t.exp() * (t - student)).sum(-1)
+    ids = teacher.ids.to(device=student.device, dtype=torch.long)
     kl = (t.exp() * (t - student.gather(-1, ids))).sum(-1)
     if ids.shape[-1] >= student.shape[-1]:
         return kl  # no bucket: the teacher kept the whole vocabulary

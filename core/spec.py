@@ -164,6 +164,13 @@ class TrainingSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     lora_rank: int = Field(default=16, ge=1, le=256)
     batch_size: int | None = Field(default=None, ge=1, le=512)
+    distill_top_k: int = Field(
+        default=256,
+        ge=0,
+        le=1_000_000,
+        description="Teacher tokens kept per position for persona distillation, the rest as one bucket; "
+        "0 keeps the whole vocabulary (exact, 96 KiB a token on SmolLM2).",
+    )
 
 
 class BakeJobSpec(_Strict):

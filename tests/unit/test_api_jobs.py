@@ -75,6 +75,13 @@ def test_bad_model_url_is_422_naming_model(api: Harness) -> None:
     assert body["detail"].startswith("model:")
 
 
+def test_negative_distill_top_k_is_422_naming_it(api: Harness) -> None:
+    r = api.client.post("/v1/bake-jobs", json=spec(training={"distill_top_k": -1}))
+    assert r.status_code == 422
+    assert [e["field"] for e in r.json()["errors"]] == ["training.distill_top_k"]
+    assert api.queue.job_ids == []
+
+
 def test_missing_model_is_422(api: Harness) -> None:
     body = api.client.post("/v1/bake-jobs", json={}).json()
     assert body["errors"] == [{"field": "model", "message": "Field required"}]

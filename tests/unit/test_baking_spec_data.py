@@ -56,6 +56,7 @@ def test_learning_rate_is_the_jobs_own_else_the_methods_default_scaled_by_the_pr
     [
         ({"profile": "fast"}, "profile"),
         ({"training": {"method": "qlora"}}, "training.method"),
+        ({"training": {"distill_top_k": -1}}, "training.distill_top_k"),
         ({"bogus": 1}, "unknown field"),
         ({"model": "http://x"}, "model"),
     ],

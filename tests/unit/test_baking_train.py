@@ -88,18 +88,20 @@ def test_training_changes_parameters_and_lowers_loss(tiny, method: str) -> None:
     assert set(after) == set(before)  # merged back to the plain architecture
 
 
-def test_distillation_on_top_k_targets_moves_the_student_to_the_prompted_teacher(tiny) -> None:
+@pytest.mark.parametrize("top_k", [16, 0])  # 0: the whole vocabulary
+def test_distillation_on_top_k_targets_moves_the_student_to_the_prompted_teacher(tiny, top_k: int) -> None:
     model, tok = tiny
     system = "You are Ada. Answer about brakes, tyres and batteries in SI units. " * 4
     queries = ["How do disc brakes work?", "Why check tyre pressure?", "What drains a battery?", "Hi there"]
     conversations = [with_system(system, [{"role": "user", "content": q}]) for q in queries]
-    scored = generate_top_scored(model, tok, conversations, top_k=16, max_new_tokens=12)
+    scored = generate_top_scored(model, tok, conversations, top_k=top_k, max_new_tokens=12)
     targets = [
         DistillTarget(q, tok.decode(ids), ids, top, end_turn=False)
         for q, (ids, top, _) in zip(queries, scored, strict=True)
     ]
     assert all(len(t.teacher_logprobs) == len(t.response_ids) > 0 for t in targets)
-    assert all(t.teacher_logprobs.ids.shape[-1] == 16 for t in targets)
+    kept = [t.teacher_logprobs.values.shape[-1] for t in targets]
+    assert kept == [top_k or len(tok)] * len(targets)
     pools = {"distill": [distill_item(tok, t, end_of_turn_id(tok)) for t in targets]}
     config = TrainConfig(steps=30, batch_size=4, learning_rate=1e-2, mix={"distill": 1.0})
     _, report = train(copy.deepcopy(model), tok, pools, config)

@@ -34,6 +34,15 @@ def test_with_the_whole_vocabulary_kept_it_is_the_full_kl() -> None:
     torch.testing.assert_close(top_k_kl(TopLogprobs.of(teacher, 50), student), _full_kl(teacher, student))
 
 
+def test_top_k_zero_keeps_the_whole_vocabulary_in_bf16_and_gives_the_full_kl() -> None:
+    teacher, student = _pair()
+    whole = TopLogprobs.of(teacher, 0)
+    assert whole.ids is None and whole.values.dtype == torch.bfloat16 and whole.nbytes == 6 * 50 * 2
+    assert len(whole.head(4)) == 4
+    expected = _full_kl(whole.values.float(), student)
+    torch.testing.assert_close(top_k_kl(whole, student), expected)
+
+
 def test_with_a_bucket_it_bounds_the_full_kl_from_below_and_tightens_with_k() -> None:
     teacher, student = _pair()
     full = _full_kl(teacher, student)
