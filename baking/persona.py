@@ -1,8 +1,8 @@
 """Prompt baking targets (Bhargava et al. 2024; context distillation, Askell et al. 2021).
 
 Teacher = the original model *with* the full system prompt (persona + tool schemas); the
-student is trained without it to match the teacher's full next-token distribution on the
-teacher's own responses. The teacher's bad habits are filtered, not copied: responses that
+student is trained without it to match the teacher's next-token distribution on the teacher's
+own responses (its top-k tokens and the mass of the rest, `training.distill_top_k`). The teacher's bad habits are filtered, not copied: responses that
 call tools are dropped (tool targets come from the tool examples), responses longer than the
 persona's sentence limit are cut there and end the turn, queries the persona's
 demonstrations answer are left to the demonstrations, and where a query asks for what the

@@ -1,8 +1,9 @@
 """One joint objective: cross-entropy on tool calls and demonstrations + KL to the prompted teacher.
 
 Tool targets are exact (the user's examples), so they are learned by supervised fine-tuning on
-assistant tokens only; the persona is distilled by full-vocabulary KL(teacher || student) on the
-teacher's own responses. Training both in one run keeps either from erasing the other (we
+assistant tokens only; the persona is distilled by KL(teacher || student) on the teacher's own
+responses, over the teacher's top-k tokens and one bucket for the rest of the vocabulary
+(`top_k_kl`; k = 0, the whole vocabulary). Training both in one run keeps either from erasing the other (we
 measured sequential runs drifting the tool format while distilling the persona).
 """
 
