@@ -2,13 +2,13 @@
 
 Teacher = the original model *with* the full system prompt (persona + tool schemas); the
 student is trained without it to match the teacher's next-token distribution on the teacher's
-own responses (its top-k tokens and the mass of the rest, `training.distill_top_k`). The teacher's bad habits are filtered, not copied: responses that
-call tools are dropped (tool targets come from the tool examples), responses longer than the
-persona's sentence limit are cut there and end the turn, queries the persona's
-demonstrations answer are left to the demonstrations, and where a query asks for what the
-demonstrations refuse (a safety-system bypass), an answer that does not refuse is dropped: the
-prompted original explains how to bypass an immobiliser when asked, and distilling that would
-teach the student to comply.
+own responses (its top-k tokens and the mass of the rest, `training.distill_top_k`). The
+teacher's bad habits are filtered, not copied: responses that call tools are dropped (tool
+targets come from the tool examples), responses longer than the persona's sentence limit are
+cut there and end the turn, queries the persona's demonstrations answer are left to the
+demonstrations, and where a query asks for what the demonstrations refuse (a safety-system
+bypass), an answer that does not refuse is dropped: the prompted original explains how to
+bypass an immobiliser when asked, and distilling that would teach the student to comply.
 """
 
 from __future__ import annotations
