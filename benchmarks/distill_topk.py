@@ -1,6 +1,6 @@
 """What keeping only the teacher's top-k tokens costs distillation, on the real teacher's answers.
 
-    .venv/bin/python benchmarks/distill_topk.py [--job examples/fleet-assistant.yaml] [--ks 16,32,64,128,256]
+    .venv/bin/python benchmarks/distill_topk.py [--job examples/fleet-assistant.yaml] [--ks 16,64,256,1024,4096]
 
 The teacher is the reference model with the job's full system prompt, answering the job's
 training persona and irrelevant queries (its split and augmentation, as a bake draws them),
@@ -51,7 +51,7 @@ def full_kl(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", type=Path, default=ROOT / "examples" / "fleet-assistant.yaml")
-    parser.add_argument("--ks", default="16,32,64,128,256")
+    parser.add_argument("--ks", default="16,64,256,1024,4096")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--grad-answers", type=int, default=24)
     args = parser.parse_args()
