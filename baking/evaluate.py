@@ -252,7 +252,8 @@ def persona_fidelity(
         teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries], max_new_tokens=max_new_tokens
     )
     kl_sum, agree, unbaked_kl_sum, unbaked_agree, tokens, left_out, cut_count = 0.0, 0, 0.0, 0, 0, 0, 0
-    for q, (ids, teacher_lp, _) in zip(queries, scored, strict=True):
+    for q, (ids, teacher_top, _) in zip(queries, scored, strict=True):
+        teacher_lp = teacher_top.values  # the whole vocabulary (top_k 0), in bf16
         if not ids:
             continue
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()

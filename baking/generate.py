@@ -6,7 +6,7 @@ import copy
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import torch
 
@@ -213,92 +213,35 @@ class TopLogprobs:
         return (0 if self.ids is None else self.ids.nbytes) + self.values.nbytes
 
 
-Scores = TypeVar("Scores")
-
-
+@torch.inference_mode()
 def generate_scored(
     model: Any,
     tokenizer: Any,
     conversations: Sequence[Sequence[Message]],
     *,
     max_new_tokens: int,
-    batch_size: int = 16,
-    do_sample: bool = False,
-    seed: int = 0,
-    temperature: float = 0.7,
-    stop: Callable[[list[int]], bool] | None = None,
-) -> list[tuple[list[int], torch.Tensor, bool]]:
-    """Generate and keep the model's own full-vocabulary log-probs at every generated position.
-
-    Returns (token ids, log-probs [len(ids), V] in bf16, finished) per conversation; when the
-    model ended its turn, the end-of-turn token is the last id. Scoring during generation saves
-    a second forward pass over the (long, prompted) teacher context. `stop(new_ids)` ends a
-    conversation's generation early once it holds (its ids end there, not finished), so a batch
-    stops when each of its conversations has ended or stopped.
-    """
-    return _generate_and_keep(
-        model,
-        tokenizer,
-        conversations,
-        lambda logprobs: logprobs.to(torch.bfloat16).cpu(),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        seed=seed,
-        temperature=temperature,
-        stop=stop,
-    )
-
-
-def generate_top_scored(
-    model: Any,
-    tokenizer: Any,
-    conversations: Sequence[Sequence[Message]],
-    *,
-    top_k: int,
-    max_new_tokens: int,
+    top_k: int = 0,
     batch_size: int = 16,
     do_sample: bool = False,
     seed: int = 0,
     temperature: float = 0.7,
     stop: Callable[[list[int]], bool] | None = None,
 ) -> list[tuple[list[int], TopLogprobs, bool]]:
-    """`generate_scored`, keeping only each position's `top_k` log-probs (0: all of them): each
-    batch's full log-probs are dropped as soon as it is done, so memory grows by 8 * top_k
-    bytes a token."""
-    return _generate_and_keep(
-        model,
-        tokenizer,
-        conversations,
-        lambda logprobs: TopLogprobs.of(logprobs, top_k),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        do_sample=do_sample,
-        seed=seed,
-        temperature=temperature,
-        stop=stop,
-    )
+    """Generate and keep the model's own log-probs at every generated position: each position's
+    `top_k` most likely tokens, or with `top_k` 0 the whole vocabulary in bf16.
 
-
-@torch.inference_mode()
-def _generate_and_keep(
-    model: Any,
-    tokenizer: Any,
-    conversations: Sequence[Sequence[Message]],
-    keep_scores: Callable[[torch.Tensor], Scores],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    do_sample: bool,
-    seed: int,
-    temperature: float,
-    stop: Callable[[list[int]], bool] | None,
-) -> list[tuple[list[int], Scores, bool]]:
+    Returns (token ids, their `TopLogprobs`, finished) per conversation; when the model ended its
+    turn, the end-of-turn token is the last id. Scoring during generation saves a second forward
+    pass over the (long, prompted) teacher context, and each batch's full log-probs are dropped
+    as soon as it is done, so with a top k memory grows by 8 * top_k bytes a token. `stop(new_ids)` ends a
+    conversation's generation early once it holds (its ids end there, not finished), so a batch
+    stops when each of its conversations has ended or stopped.
+    """
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     prompts = [encode_prompt(tokenizer, c) for c in conversations]
-    out: list[tuple[list[int], Scores, bool] | None] = [None] * len(prompts)
+    out: list[tuple[list[int], TopLogprobs, bool] | None] = [None] * len(prompts)
     for n, (idx, ids, mask, past) in enumerate(_batches(model, prompts, batch_size, pad, device)):
         kwargs = _generation_kwargs(model, max_new_tokens, eot, pad, past, do_sample, temperature, seed + n)
         if stop is not None:
@@ -315,8 +258,9 @@ def _generate_and_keep(
             else:
                 finished = eot in new
                 keep = new.index(eot) + 1 if finished else len(new)
-            out[i] = (new[:keep], keep_scores(torch.log_softmax(steps[row, :keep].float(), dim=-1)), finished)
-    return cast(list[tuple[list[int], Scores, bool]], out)  # every prompt is in exactly one batch
+            logprobs = torch.log_softmax(steps[row, :keep].float(), dim=-1)
+            out[i] = (new[:keep], TopLogprobs.of(logprobs, top_k), finished)
+    return cast(list[tuple[list[int], TopLogprobs, bool]], out)  # every prompt is in exactly one batch
 
 
 class _StopWhen:

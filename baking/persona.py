@@ -20,7 +20,7 @@ from typing import Any
 from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, sentences, tokens_covering, trim_to_sentences
 from baking.evaluate import REFUSAL, asks_what_demos_refuse
-from baking.generate import TopLogprobs, generate_top_scored
+from baking.generate import TopLogprobs, generate_scored
 from baking.spec import DEFAULT_DISTILL_TOP_K, PersonaExample
 from baking.toolcalls import has_tool_call
 
@@ -100,7 +100,7 @@ def build_distill_targets(
     scored: list[tuple[list[int], TopLogprobs, bool]] = []
     for k in range(samples):  # the first sample greedy, any further ones sampled
         part = conversations[k * len(kept_queries) : (k + 1) * len(kept_queries)]
-        scored += generate_top_scored(
+        scored += generate_scored(
             teacher,
             tokenizer,
             part,

@@ -70,7 +70,7 @@ def main() -> None:
     scored = generate_scored(
         model, tokenizer, [with_system(system, user(q)) for q in queries], max_new_tokens=args.max_new_tokens
     )
-    answers = [(q, ids, lp.float()) for q, (ids, lp, _) in zip(queries, scored, strict=True) if ids]
+    answers = [(q, ids, lp.values.float()) for q, (ids, lp, _) in zip(queries, scored, strict=True) if ids]
     tokens = sum(len(ids) for _, ids, _ in answers)
     print(f"teacher: {len(answers)} answers, {tokens} tokens, {time.monotonic() - started:.0f} s")
 

@@ -10,7 +10,7 @@ import torch
 
 from baking.chat import CHAT_TEMPLATE, encode_conversation, render, template_default_system, with_system
 from baking.data import ToolCase, tool_conversation
-from baking.generate import TopLogprobs, end_of_turn_id, generate_top_scored
+from baking.generate import TopLogprobs, end_of_turn_id, generate_scored
 from baking.load import load_model, load_tokenizer
 from baking.persona import DistillTarget
 from baking.train import TrainConfig, distill_item, sft_item, train, wrap_for_training
@@ -94,7 +94,7 @@ def test_distillation_on_top_k_targets_moves_the_student_to_the_prompted_teacher
     system = "You are Ada. Answer about brakes, tyres and batteries in SI units. " * 4
     queries = ["How do disc brakes work?", "Why check tyre pressure?", "What drains a battery?", "Hi there"]
     conversations = [with_system(system, [{"role": "user", "content": q}]) for q in queries]
-    scored = generate_top_scored(model, tok, conversations, top_k=top_k, max_new_tokens=12)
+    scored = generate_scored(model, tok, conversations, top_k=top_k, max_new_tokens=12)
     targets = [
         DistillTarget(q, tok.decode(ids), ids, top, end_turn=False)
         for q, (ids, top, _) in zip(queries, scored, strict=True)

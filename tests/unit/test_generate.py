@@ -34,7 +34,7 @@ def test_shared_prefix_cache_generates_what_each_prompt_alone_does(tiny_model_di
     for (ids, logprobs, _), (ids_alone, logprobs_alone, _) in zip(batched, alone, strict=True):
         assert ids == ids_alone and len(ids) > 0
         torch.testing.assert_close(
-            logprobs.float(), logprobs_alone.float(), atol=1e-3, rtol=1e-2
+            logprobs.values.float(), logprobs_alone.values.float(), atol=1e-3, rtol=1e-2
         )  # stored in bf16: one step
     # The cache goes in under the name this transformers takes (no deprecated-argument warning).
     assert not [w for w in caught if "past_key_values" in str(w.message)]
@@ -79,5 +79,5 @@ def test_a_stop_predicate_ends_each_conversation_where_it_first_holds(tiny_model
         if finished_free and len(ids_free) <= 5:  # the turn ended before the predicate could hold
             assert (ids, finished) == (ids_free, True)
             continue
-        assert ids == ids_free[:5] and not finished and logprobs.shape[0] == 5
-        torch.testing.assert_close(logprobs.float(), logprobs_free[:5].float())
+        assert ids == ids_free[:5] and not finished and len(logprobs) == 5
+        torch.testing.assert_close(logprobs.values.float(), logprobs_free.values[:5].float())

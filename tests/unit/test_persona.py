@@ -72,7 +72,7 @@ def test_teacher_answers_that_comply_with_a_refused_request_are_dropped(monkeypa
             out.append((ids, TopLogprobs.of(torch.zeros(len(ids), 8), kwargs["top_k"]), True))
         return out
 
-    monkeypatch.setattr(bpersona, "generate_top_scored", fake_generate)
+    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
     targets, stats = bpersona.build_distill_targets(
         None,
         tokenizer,
@@ -105,7 +105,7 @@ def test_refused_requests_are_judged_as_refusals_not_as_fidelity_to_the_teacher(
         out = []
         for conversation in conversations:
             ids = tok(replies[conversation[-1]["content"]])["input_ids"]
-            out.append((ids, torch.zeros(len(ids), 8, dtype=torch.bfloat16), False))
+            out.append((ids, TopLogprobs.of(torch.zeros(len(ids), 8), 0), False))
         return out
 
     monkeypatch.setattr(bevaluate, "generate_scored", fake_generate)
@@ -155,7 +155,7 @@ def test_teacher_answers_run_to_the_sentence_limit_and_teach_the_end_there(monke
             out.append((ids[:cut], TopLogprobs.of(torch.zeros(cut, 8), kwargs["top_k"]), False))
         return out
 
-    monkeypatch.setattr(bpersona, "generate_top_scored", fake_generate)
+    monkeypatch.setattr(bpersona, "generate_scored", fake_generate)
     targets, stats = bpersona.build_distill_targets(
         None,
         tokenizer,
@@ -192,7 +192,7 @@ def test_fidelity_scores_a_teacher_answer_only_up_to_the_sentence_limit(monkeypa
     assert 0 < within < len(ids)
 
     def fake_generate(model: Any, tok: Any, conversations: list[list[Message]], **_: Any) -> list:
-        return [(ids, torch.zeros(len(ids), 8, dtype=torch.bfloat16), False) for _ in conversations]
+        return [(ids, TopLogprobs.of(torch.zeros(len(ids), 8), 0), False) for _ in conversations]
 
     monkeypatch.setattr(bevaluate, "generate_scored", fake_generate)
 
