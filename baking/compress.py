@@ -86,6 +86,14 @@ class Candidate:
             base += f"+fit{self.size_target:g}"
         return base if self.lm_head == "bf16" else f"{base}+lm_head-{self.lm_head}"
 
+    @property
+    def gptq_key(self) -> GptqKey | None:
+        """What GPTQ's codes for this candidate are cached under (None: it rounds to nearest).
+        Candidates with the same key round the same layers the same way."""
+        if self.rounding != "gptq":
+            return None
+        return (self.scheme, self.group_size, self.int8_parts)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -221,9 +229,10 @@ def compress(
         if candidate.rounding == "gptq":
             if not calibration:
                 raise ValueError(f"{candidate.name} needs calibration sequences")
-            key = (candidate.scheme, candidate.group_size, candidate.int8_parts)
-            layers = (gptq_cache or {}).get(key) or _gptq_layers(final, candidate, calibration)
-            if gptq_cache is not None:
+            key = candidate.gptq_key
+            cached = None if gptq_cache is None or key is None else gptq_cache.get(key)
+            layers = cached or _gptq_layers(final, candidate, calibration)
+            if gptq_cache is not None and key is not None:
                 gptq_cache[key] = layers
             if candidate.size_target is not None:
                 int4_layers, fit = _fit_int4_to_size(model, candidate, candidate.size_target, layers, device)
@@ -466,6 +475,11 @@ def search(
     scheme: dict[str, Any] = {}
     gptq_cache: dict[GptqKey, gptq.GptqLayers] = {}
     for i, candidate in enumerate(candidates):
+        # A cached pass holds a copy of the model's integer weights: keep only the ones a
+        # candidate still to try will use.
+        still_used = {c.gptq_key for c in candidates[i:]}
+        for key in [k for k in gptq_cache if k not in still_used]:
+            del gptq_cache[key]
         started = time.monotonic()
         final, scheme = compress(model, candidate, device, calibration=calibration, gptq_cache=gptq_cache)
         metrics = dict(evaluate(final))

@@ -292,6 +292,41 @@ def test_search_rounds_the_same_layers_once_for_both_down_proj_candidates(
     assert not any(isinstance(m, quant.Int4WeightOnlyLinear) for m in result.model.modules())
 
 
+def test_search_keeps_a_gptq_pass_only_while_a_later_candidate_uses_it(
+    tiny: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import baking.compress as bcompress
+    from baking.compress import SearchConfig, search
+
+    model, tokenizer = tiny
+    cached_before: list[set[object]] = []
+    real = bcompress.compress
+
+    def recorded(*args: Any, gptq_cache: dict | None = None, **kwargs: Any) -> Any:
+        if gptq_cache is not None:  # a call from search, not from within compress
+            cached_before.append(set(gptq_cache))
+        return real(*args, gptq_cache=gptq_cache, **kwargs)
+
+    monkeypatch.setattr(bcompress, "compress", recorded)
+    down_only = Candidate("int4", 32, lm_head="int8-tied", int8_parts=ALL_BUT_DOWN, rounding="gptq")
+    gate_up = Candidate("int4", 32, lm_head="int8-tied", int8_parts=("gate_proj", "up_proj"), rounding="gptq")
+    candidates = (down_only, gate_up, _fitted(0.0), Candidate("int8", lm_head="int8-tied"))
+    search(
+        model,
+        SearchConfig(accuracy_retention=1.0, candidates=candidates),
+        device=CPU,
+        evaluate=lambda m: {"tool_call_accuracy": 0.5},  # never met: every candidate is tried
+        reference={"tool_call_accuracy": 1.0},
+        calibration=_calibration(tokenizer),
+    )
+    assert cached_before == [
+        set(),
+        {down_only.gptq_key},  # kept: the fit shares it
+        {down_only.gptq_key},  # gate/up's own pass is gone, no later candidate uses it
+        set(),  # the last one rounds to nearest
+    ]
+
+
 def _assert_round_trip_is_bit_exact(
     final: Any, scheme: dict[str, Any], tokenizer: Any, ids: torch.Tensor, expected: torch.Tensor, tmp_path: Path
 ) -> None:
