@@ -76,7 +76,7 @@ def build_distill_targets(
     on_progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], None] | None = None,
 ) -> tuple[list[DistillTarget], dict[str, int]]:
-    """Teacher responses and their full-vocabulary log-probs, filtered by the persona's rules."""
+    """Teacher responses and their log-probs (top `top_k`; 0: the whole vocabulary), filtered by the persona's rules."""
     limit = max_sentences(tuple(guidelines))
     kept_queries = [q for q in queries if not _close_to_demo(q, demos)]
     refused = {q for q in kept_queries if asks_what_demos_refuse(q, demos)}
