@@ -87,11 +87,9 @@ class Candidate:
         return base if self.lm_head == "bf16" else f"{base}+lm_head-{self.lm_head}"
 
     @property
-    def gptq_key(self) -> GptqKey | None:
-        """What GPTQ's codes for this candidate are cached under (None: it rounds to nearest).
-        Candidates with the same key round the same layers the same way."""
-        if self.rounding != "gptq":
-            return None
+    def gptq_key(self) -> GptqKey:
+        """What GPTQ's codes for this candidate are cached under, when it rounds with GPTQ:
+        candidates with the same key round the same layers the same way."""
         return (self.scheme, self.group_size, self.int8_parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,11 +227,9 @@ def compress(
         if candidate.rounding == "gptq":
             if not calibration:
                 raise ValueError(f"{candidate.name} needs calibration sequences")
-            key = candidate.gptq_key
-            cached = None if gptq_cache is None or key is None else gptq_cache.get(key)
-            layers = cached or _gptq_layers(final, candidate, calibration)
-            if gptq_cache is not None and key is not None:
-                gptq_cache[key] = layers
+            layers = (gptq_cache or {}).get(candidate.gptq_key) or _gptq_layers(final, candidate, calibration)
+            if gptq_cache is not None:
+                gptq_cache[candidate.gptq_key] = layers
             if candidate.size_target is not None:
                 int4_layers, fit = _fit_int4_to_size(model, candidate, candidate.size_target, layers, device)
                 # Round again with the int4 layers the fit chose and int8 everywhere else, so every
@@ -477,7 +473,7 @@ def search(
     for i, candidate in enumerate(candidates):
         # A cached pass holds a copy of the model's integer weights: keep only the ones a
         # candidate still to try will use.
-        still_used = {c.gptq_key for c in candidates[i:]}
+        still_used = {c.gptq_key for c in candidates[i:] if c.rounding == "gptq"}
         for key in [k for k in gptq_cache if k not in still_used]:
             del gptq_cache[key]
         started = time.monotonic()

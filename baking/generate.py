@@ -233,9 +233,9 @@ def generate_scored(
     Returns (token ids, their `TopLogprobs`, finished) per conversation; when the model ended its
     turn, the end-of-turn token is the last id. Scoring during generation saves a second forward
     pass over the (long, prompted) teacher context, and each batch's full log-probs are dropped
-    as soon as it is done, so with a top k memory grows by 8 * top_k bytes a token. `stop(new_ids)` ends a
-    conversation's generation early once it holds (its ids end there, not finished), so a batch
-    stops when each of its conversations has ended or stopped.
+    as soon as it is done, so with a top k, memory grows by 8 * top_k bytes a token.
+    `stop(new_ids)` ends a conversation's generation early once it holds (its ids end there, not
+    finished), so a batch stops when each of its conversations has ended or stopped.
     """
     device = next(model.parameters()).device
     eot = end_of_turn_id(tokenizer)

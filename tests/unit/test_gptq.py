@@ -323,7 +323,7 @@ def test_search_keeps_a_gptq_pass_only_while_a_later_candidate_uses_it(
         set(),
         {down_only.gptq_key},  # kept: the fit shares it
         {down_only.gptq_key},  # gate/up's own pass is gone, no later candidate uses it
-        set(),  # the last one rounds to nearest
+        set(),  # the last one rounds to nearest: no pass is used again
     ]
 
 
