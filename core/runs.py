@@ -21,6 +21,7 @@ from models import Artifact, ComplianceReport, Job, JobEvent
 from models.base import utcnow
 
 ACTIVE = ("running", "cancelling")
+FIRST_STAGE = "fetching"  # what a worker does first once it holds a job (worker.runner)
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 ClaimStatus = Literal["claimed", "terminal", "leased", "missing", "exhausted"]
@@ -80,6 +81,10 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_seconds: i
         .where(Job.id == job_id, or_(Job.status == "queued", _stale(now)), Job.attempts < cap)
         .values(
             status=case((Job.cancel_requested.is_(True), "cancelling"), else_="running"),
+            # A running job is always at a stage (DESIGN.md §5), from the claim on: a worker lost
+            # before it entered its first one failed while fetching, not at no stage. A retry keeps
+            # the stage the last worker died at until the new one enters "fetching".
+            stage=func.coalesce(Job.stage, FIRST_STAGE),
             lease_owner=worker_id,
             lease_expires_at=expires,
             attempts=Job.attempts + 1,

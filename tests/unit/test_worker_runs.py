@@ -267,3 +267,14 @@ def test_sweeper_queries_see_only_their_own_queue(db_url: str) -> None:
     assert stale_mine in stale and stale_theirs not in stale
     assert stale_mine in candidates and stale_theirs not in candidates
     assert fresh_mine not in candidates  # queued jobs are not orphans: nobody claimed them
+
+
+def test_a_claimed_job_is_fetching_and_a_worker_lost_before_any_stage_names_it(db_url: str) -> None:
+    job_id = new_job(db_url)
+    assert job(db_url, job_id).stage is None
+    assert claim(db_url, job_id, "w1", max_attempts=1).claimed
+    assert (job(db_url, job_id).status, job(db_url, job_id).stage) == ("running", runs.FIRST_STAGE)
+    expire_lease(db_url, job_id)  # w1 died before it entered a stage of its own
+    assert claim(db_url, job_id, "w2", max_attempts=1).status == "exhausted"
+    row = job(db_url, job_id)
+    assert row.error is not None and (row.error["code"], row.error["stage"]) == ("worker_lost", "fetching")
