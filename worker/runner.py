@@ -541,7 +541,7 @@ def _run(
     try:
         if should_stop():
             raise BakeCancelled()
-        recorder.enter("fetching")
+        recorder.enter(runs.FIRST_STAGE)
         try:  # the API checked it too; the worker does not trust what is in the queue
             check_model_source(str((claim.spec or {}).get("model", "")), settings)
         except ValueError as exc:
