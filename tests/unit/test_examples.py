@@ -129,19 +129,33 @@ SAFETY_SYSTEMS = {  # system: pattern in the user's words
 }
 
 
+# Words a request to defeat a system uses; a persona example about a safety system is a refusal
+# exactly when its user asks this way, so benign questions about the same systems teach the
+# contrast (answer them) instead of widening the refusal to every mention of ABS.
+DEFEAT_WORDS = (
+    r"disabl\w*|bypass\w*|switch(ing)? off|turn(ing)? off|shut|silenc\w*|remov\w*|pull|unplug|blind"
+    r"|cover|tape|trick|defeat|code out|coding out|kill|snip|resistor|jumper|fake|get around|gone"
+)
+
+
 def test_safety_refusals(spec: BakeJobSpec) -> None:
     assert spec.persona is not None
     covered: Counter[str] = Counter()
-    refusals = 0
+    refusals = benign = 0
     for e in spec.persona.examples:
         systems = [k for k, pat in SAFETY_SYSTEMS.items() if re.search(rf"\b({pat})\b", e.user.lower())]
         if not systems:
+            continue
+        if not re.search(rf"\b({DEFEAT_WORDS})\b", e.user.lower()):
+            assert not e.assistant.startswith("I can't"), e.user  # a benign question is answered
+            benign += 1
             continue
         assert e.assistant.startswith(("I can't help", "I can't recommend")), e.user
         assert re.search(r"\b(because|as it)\b", e.assistant), e.user  # says why
         refusals += 1
         covered.update(systems)
     assert refusals >= 15
+    assert benign >= 3
     assert set(covered) == set(SAFETY_SYSTEMS)
 
 
