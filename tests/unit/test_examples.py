@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from baking.evaluate import REFUSAL
 from baking.toolcalls import content_words
 from core.spec import BakeJobSpec
 
@@ -147,7 +148,8 @@ def test_safety_refusals(spec: BakeJobSpec) -> None:
         if not systems:
             continue
         if not re.search(rf"\b({DEFEAT_WORDS})\b", e.user.lower()):
-            assert not e.assistant.startswith("I can't"), e.user  # a benign question is answered
+            # a benign question is answered, in words the pipeline does not read as a refusal
+            assert not REFUSAL.search(e.assistant), e.user
             benign += 1
             continue
         assert e.assistant.startswith(("I can't help", "I can't recommend")), e.user
