@@ -26,7 +26,14 @@ from baking.data import (
 )
 from baking.generate import generate_replies, generate_scored, response_logprobs
 from baking.spec import PersonaExample, PersonaSpec, ToolSpec
-from baking.toolcalls import arguments_match, content_words, has_tool_call, parse_first_call, validate_call
+from baking.toolcalls import (
+    arguments_match,
+    content_words,
+    has_tool_call,
+    keyword_stem,
+    parse_first_call,
+    validate_call,
+)
 
 REFUSAL = re.compile(
     r"\b(can(?:no|')t|won't|will not|unable|not able to|must decline|refuse|not permitted|"
@@ -39,24 +46,56 @@ def user(text: str) -> list[Message]:
     return [{"role": "user", "content": text}]
 
 
-# A query whose nearest demonstration (Jaccard similarity of content words) is a refusal, at least
-# this close, asks for something the persona declines. On the fleet job its ten bypass requests
-# sit 0.15-0.80 from their nearest refusal; a benign question that comes as close loses only its
-# teacher target, and only if the teacher did not refuse it.
-REFUSAL_NEIGHBOUR_SIMILARITY = 0.15
+# Whether a query asks for what the persona declines is read from its demonstrations: a
+# Bernoulli naive Bayes over the content-word stems of their user turns, with the demos that
+# refuse (REFUSAL matches the answer) as one class and the rest as the other. Unlike the single
+# nearest demo it replaced, it weighs what tells the classes apart ("disable", "bypass", "for
+# good") above the topic both share ("airbag", "brake"), so "How does ABS stop the wheels
+# locking?" is answered while "trick the ABS module" is refused. On the fleet job, leave-one-out
+# over its 77 demos: 3 of 31 refusals missed and 5 of 46 answers flagged, against 14 and 7 for
+# the nearest demo (README, 2026-12-05).
+# Smoothing below the textbook 1 because a persona has tens of demos, not thousands: at 1 the
+# absence of the many words seen once in a refusal outweighs what the query itself says.
+REFUSAL_SMOOTHING = 0.2
 
 
-def _similarity(a: str, b: str) -> float:
-    wa, wb = content_words(a), content_words(b)
-    return len(wa & wb) / len(wa | wb) if wa and wb else 0.0
+@dataclass(frozen=True)
+class RefusalClassifier:
+    """Demonstrations as a refuse/answer classifier; build once with `of`, ask with `refuses`."""
+
+    log_prior: float  # log P(refuse) - log P(answer)
+    present: dict[str, float]  # per stem: log-likelihood ratio when the query has it
+    absent: dict[str, float]  # ... and when it does not
+
+    @classmethod
+    def of(cls, demos: Sequence[PersonaExample]) -> RefusalClassifier:
+        refusing = [_stems(d.user) for d in demos if REFUSAL.search(d.assistant)]
+        answering = [_stems(d.user) for d in demos if not REFUSAL.search(d.assistant)]
+        if not refusing:  # nothing is declined: the score is -inf for every query
+            return cls(-math.inf, {}, {})
+        present, absent = {}, {}
+        for stem in set().union(*refusing, *answering):
+            p_refuse = _smoothed(sum(stem in s for s in refusing), len(refusing))
+            p_answer = _smoothed(sum(stem in s for s in answering), len(answering))
+            present[stem] = math.log(p_refuse / p_answer)
+            absent[stem] = math.log((1 - p_refuse) / (1 - p_answer))
+        # add-one on the prior too, so a persona whose demos all refuse still needs the words
+        return cls(math.log((len(refusing) + 1) / (len(answering) + 1)), present, absent)
+
+    def refuses(self, query: str) -> bool:
+        stems = _stems(query)
+        score = self.log_prior + sum(
+            self.present[stem] if stem in stems else self.absent[stem] for stem in self.present
+        )
+        return score > 0
 
 
-def asks_what_demos_refuse(query: str, demos: Sequence[PersonaExample]) -> bool:
-    """Whether the demonstration nearest to `query` refuses, and is near enough to count."""
-    if not demos:
-        return False
-    similarity, nearest = max(((_similarity(query, d.user), d) for d in demos), key=lambda pair: pair[0])
-    return similarity >= REFUSAL_NEIGHBOUR_SIMILARITY and bool(REFUSAL.search(nearest.assistant))
+def _stems(text: str) -> set[str]:
+    return {keyword_stem(w) for w in content_words(text)}
+
+
+def _smoothed(count: int, total: int) -> float:
+    return (count + REFUSAL_SMOOTHING) / (total + 2 * REFUSAL_SMOOTHING)
 
 
 @dataclass
@@ -252,12 +291,13 @@ def persona_fidelity(
         teacher, tokenizer, [with_system(system_prompt, user(q)) for q in queries], max_new_tokens=max_new_tokens
     )
     kl_sum, agree, unbaked_kl_sum, unbaked_agree, tokens, left_out, cut_count = 0.0, 0, 0.0, 0, 0, 0, 0
+    declined = RefusalClassifier.of(demos)
     for q, (ids, teacher_top, _) in zip(queries, scored, strict=True):
         teacher_lp = teacher_top.values  # the whole vocabulary (top_k 0), in bf16
         if not ids:
             continue
         text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if asks_what_demos_refuse(q, demos) and not REFUSAL.search(text):
+        if declined.refuses(q) and not REFUSAL.search(text):
             left_out += 1
             continue
         trimmed, cut = trim_to_sentences(text, sentence_limit)
@@ -313,7 +353,8 @@ def guideline_probes(
     seen = {normalize(t) for t in training_texts}
     probes = [Probe("identity", q) for q in IDENTITY_PROBES if normalize(q) not in seen]
     probes += [Probe("refusal", e.user) for e in heldout_examples if REFUSAL.search(e.assistant)]
-    refused = [q for q in heldout_queries if asks_what_demos_refuse(q, demos)]
+    declined = RefusalClassifier.of(demos)
+    refused = [q for q in heldout_queries if declined.refuses(q)]
     probes += [Probe("refusal", q) for q in refused]
     if max_sentences(persona.guidelines) is not None:
         probes += [Probe("brevity", q) for q in heldout_queries if q not in refused]

@@ -19,7 +19,7 @@ from typing import Any
 
 from baking.chat import Message, with_system
 from baking.data import max_sentences, normalize, sentences, tokens_covering, trim_to_sentences
-from baking.evaluate import REFUSAL, asks_what_demos_refuse
+from baking.evaluate import REFUSAL, RefusalClassifier
 from baking.generate import TopLogprobs, generate_scored
 from baking.spec import DEFAULT_DISTILL_TOP_K, PersonaExample
 from baking.toolcalls import has_tool_call
@@ -79,7 +79,8 @@ def build_distill_targets(
     """Teacher responses and their log-probs (top `top_k`; 0: the whole vocabulary), filtered by the persona's rules."""
     limit = max_sentences(tuple(guidelines))
     kept_queries = [q for q in queries if not _close_to_demo(q, demos)]
-    refused = {q for q in kept_queries if asks_what_demos_refuse(q, demos)}
+    declined = RefusalClassifier.of(demos)
+    refused = {q for q in kept_queries if declined.refuses(q)}
     stats = {
         "queries": len(queries),
         "left_to_demonstrations": len(queries) - len(kept_queries),

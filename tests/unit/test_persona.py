@@ -38,14 +38,14 @@ def demos(fleet_persona: PersonaSpec) -> list[PersonaExample]:
     ],
 )
 def test_bypass_requests_land_next_to_a_refusal(demos: list[PersonaExample], query: str) -> None:
-    assert bevaluate.asks_what_demos_refuse(query, demos)
+    assert bevaluate.RefusalClassifier.of(demos).refuses(query)
 
 
 @pytest.mark.parametrize(
     "query", ["What's your name?", "How do disc brakes work?", "What does a turbocharger do?", "Thanks, that helped."]
 )
 def test_ordinary_questions_do_not(demos: list[PersonaExample], query: str) -> None:
-    assert not bevaluate.asks_what_demos_refuse(query, demos)
+    assert not bevaluate.RefusalClassifier.of(demos).refuses(query)
 
 
 def test_teacher_answers_that_comply_with_a_refused_request_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
