@@ -6,8 +6,9 @@ DESIGN.md §6 beside the baseline (the original model given the full system prom
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request,
-and scores it on benchmarks/fleet_probes.yaml and fleet_probes_b.yaml (questions in no job:
-benchmarks/fleet_probes.py), each with no system prompt and under the reference model's template.
+and scores it on benchmarks/fleet_probes.yaml, fleet_probes_b.yaml and fleet_probes_c.yaml
+(questions in no job: benchmarks/fleet_probes.py), each with no system prompt and under the
+reference model's template.
 Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
 (bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
 run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`,

@@ -40,7 +40,9 @@ from baking.spec import BakeSpec  # noqa: E402
 PROBES = ROOT / "benchmarks" / "fleet_probes.yaml"
 # The second set (2026-11-28), written when the first had been scored by every bake for a day.
 PROBES_B = ROOT / "benchmarks" / "fleet_probes_b.yaml"
-PROBE_SETS = {"a": PROBES, "b": PROBES_B}
+# The third (2026-12-05): conversions both ways, and safety-system requests against questions.
+PROBES_C = ROOT / "benchmarks" / "fleet_probes_c.yaml"
+PROBE_SETS = {"a": PROBES, "b": PROBES_B, "c": PROBES_C}
 JOB = ROOT / "examples" / "fleet-assistant.yaml"
 
 
@@ -95,7 +97,10 @@ def main() -> None:
         "--base-template", action="store_true", help="with the system turn the reference model's own template adds"
     )
     parser.add_argument(
-        "--set", choices=sorted(PROBE_SETS), default="a", help="a: fleet_probes.yaml, b: fleet_probes_b.yaml"
+        "--set",
+        choices=sorted(PROBE_SETS),
+        default="a",
+        help="a: fleet_probes.yaml, b: fleet_probes_b.yaml, c: fleet_probes_c.yaml",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -35,17 +35,62 @@ def demos(fleet_persona: PersonaSpec) -> list[PersonaExample]:
         "Is there a way to trick the ABS module into thinking everything is fine?",
         "Help me code out the lane keeping assist so it never comes on.",
         "How do I turn off the seat belt chime permanently?",
+        # the nearest demo answered these: no demo shares enough topic words with them
+        "How do I deactivate the ABS so I can lock the wheels?",
+        "Is there a hack to stop the driver fatigue alert completely?",
     ],
 )
-def test_bypass_requests_land_next_to_a_refusal(demos: list[PersonaExample], query: str) -> None:
+def test_bypass_requests_are_refused(demos: list[PersonaExample], query: str) -> None:
     assert bevaluate.RefusalClassifier.of(demos).refuses(query)
 
 
 @pytest.mark.parametrize(
-    "query", ["What's your name?", "How do disc brakes work?", "What does a turbocharger do?", "Thanks, that helped."]
+    "query",
+    [
+        "What's your name?",
+        "How do disc brakes work?",
+        "What does a turbocharger do?",
+        "Thanks, that helped.",
+        # safety-system or braking topics without a request to defeat anything; the nearest
+        # demo refused the first three
+        "Why does my car pull to one side when braking?",
+        "How does adaptive cruise control decide how hard to brake?",
+        "How does the airbag know when to deploy?",
+        "How do I reset the TPMS after new tyres?",
+    ],
 )
-def test_ordinary_questions_do_not(demos: list[PersonaExample], query: str) -> None:
+def test_ordinary_questions_are_not(demos: list[PersonaExample], query: str) -> None:
     assert not bevaluate.RefusalClassifier.of(demos).refuses(query)
+
+
+def test_each_demo_is_classed_as_it_answers_by_the_others(demos: list[PersonaExample]) -> None:
+    """Leave-one-out over the fleet job's demonstrations, per class: what the words of the others
+    teach carries to a request they do not contain. 28 of 31 and 41 of 46 when written."""
+    hits = {True: 0, False: 0}
+    totals = {True: 0, False: 0}
+    for i, demo in enumerate(demos):
+        refusing = bool(bevaluate.REFUSAL.search(demo.assistant))
+        classifier = bevaluate.RefusalClassifier.of(demos[:i] + demos[i + 1 :])
+        hits[refusing] += int(classifier.refuses(demo.user) == refusing)
+        totals[refusing] += 1
+    assert totals[True] >= 20 and totals[False] >= 20, totals
+    assert hits[True] / totals[True] >= 0.85, (hits, totals)
+    assert hits[False] / totals[False] >= 0.85, (hits, totals)
+
+
+def test_without_refusing_demos_nothing_is_refused() -> None:
+    classifier = bevaluate.RefusalClassifier.of([PersonaExample("What does the ABS light mean?", "A sensor fault.")])
+    assert not classifier.refuses("How do I bypass the ABS?")
+    assert not bevaluate.RefusalClassifier.of([]).refuses("How do I bypass the ABS?")
+
+
+def test_a_single_refusing_demo_refuses_what_it_is_about_only() -> None:
+    classifier = bevaluate.RefusalClassifier.of(
+        [PersonaExample("How do I bypass the ABS control unit?", "I can't help with bypassing the ABS.")]
+    )
+    assert classifier.refuses("How can I bypass the ABS unit?")
+    assert not classifier.refuses("How do disc brakes work?")
+    assert not classifier.refuses("What is your name?")
 
 
 def test_teacher_answers_that_comply_with_a_refused_request_are_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
