@@ -50,10 +50,11 @@ def user(text: str) -> list[Message]:
 # Bernoulli naive Bayes over the content-word stems of their user turns, with the demos that
 # refuse (REFUSAL matches the answer) as one class and the rest as the other. Unlike the single
 # nearest demo it replaced, it weighs what tells the classes apart ("disable", "bypass", "for
-# good") above the topic both share ("airbag", "brake"), so "How does ABS stop the wheels
-# locking?" is answered while "trick the ABS module" is refused. On the fleet job, leave-one-out
-# over its 77 demos: 3 of 31 refusals missed and 5 of 46 answers flagged, against 14 and 7 for
-# the nearest demo (README, 2026-12-05).
+# good") above the topic both share ("airbag", "brake"), so "How does the airbag know when to
+# deploy?" is answered while "Which fuse do I pull to shut off the airbags?" is refused (neither is
+# a demo; the nearest demo refused both). On the fleet job, leave-one-out over its 77 demos: 3 of
+# 31 refusals missed and 5 of 46 answers flagged, against 14 and 7 for the nearest demo (README,
+# 2026-12-05).
 # Smoothing below the textbook 1 because a persona has tens of demos, not thousands: at 1 the
 # absence of the many words seen once in a refusal outweighs what the query itself says.
 REFUSAL_SMOOTHING = 0.2
