@@ -70,8 +70,10 @@ class RefusalClassifier:
 
     @classmethod
     def of(cls, demos: Sequence[PersonaExample]) -> RefusalClassifier:
-        refusing = [_stems(d.user) for d in demos if REFUSAL.search(d.assistant)]
-        answering = [_stems(d.user) for d in demos if not REFUSAL.search(d.assistant)]
+        refusing: list[set[str]] = []
+        answering: list[set[str]] = []
+        for demo in demos:
+            (refusing if REFUSAL.search(demo.assistant) else answering).append(_stems(demo.user))
         if not refusing:  # nothing is declined: the score is -inf for every query
             return cls(-math.inf, {}, {})
         present, absent = {}, {}

@@ -7,7 +7,7 @@ given, labelled query sets: the probe files' `refuse` lists, and their `no_call`
 lists as queries to answer.
 
     .venv/bin/python benchmarks/refusal_rule.py examples/fleet-assistant.yaml \
-        --refuse-from benchmarks/fleet_probes.yaml benchmarks/fleet_probes_b.yaml
+        --refuse-from benchmarks/fleet_probes.yaml benchmarks/fleet_probes_b.yaml benchmarks/fleet_probes_c.yaml
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def main() -> None:
     wrong: list[str] = []
     for i, demo in enumerate(demos):
         refused = RefusalClassifier.of(demos[:i] + demos[i + 1 :]).refuses(demo.user)
-        tally = should if REFUSAL.search(demo.assistant) else shouldnt
+        refusing = bool(REFUSAL.search(demo.assistant))
+        tally = should if refusing else shouldnt
         tally[0] += int(refused)
         tally[1] += 1
-        if refused != bool(REFUSAL.search(demo.assistant)):
+        if refused != refusing:
             wrong.append(demo.user)
     table.add_row(
         "demos, leave-one-out", f"{should[0]} / {should[1]}", f"{shouldnt[0]} / {shouldnt[1]}", "\n".join(wrong)
