@@ -57,6 +57,8 @@ def main() -> None:
     parser.add_argument("--job", type=Path, default=ROOT / "examples" / "fleet-assistant.yaml")
     args = parser.parse_args()
     merged = RESULTS / f"bake-{args.name}" / "artifact" / "merged"
+    if not any(merged.glob("*.safetensors")):
+        raise SystemExit(f"no merged weights at {merged}: run bake_quality.py --name {args.name} first")
     spec = BakeSpec.from_dict(yaml.safe_load(args.job.read_text()))
     original = _weights(resolve_model_dir(spec.model, get_settings().models_dir))
     baked = _weights(merged)
