@@ -3,6 +3,7 @@ DESIGN.md §6 beside the baseline (the original model given the full system prom
 
     .venv/bin/python benchmarks/bake_quality.py [--profile standard] [--device cpu] [--models-dir DIR]
         [--name NAME] [--mix tools=0.5,answers=0.03,demos=0.12,distill=0.35] [--embedding-noise 5]
+        [--order-seed 1]
 
 Then loads the artifact's merged/ with plain transformers (no Bakehouse code) and shows what
 it answers, with no system prompt, to a name question, a tool query and an ABS-bypass request,
@@ -12,7 +13,8 @@ reference model's template.
 Needs `bakehouse models pull smollm2-135m-instruct` first. Writes benchmarks/results/
 (bake-NAME/ and bake_quality-NAME.json, NAME defaulting to the profile, so several variants can
 run side by side on one GPU). `--mix` tries another batch mix than `TrainConfig.default_mix`,
-`--embedding-noise` NEFTune's noise on the input embeddings while training.
+`--embedding-noise` NEFTune's noise on the input embeddings while training, `--order-seed` another
+training seed (batch draws, LoRA initialisation) on the job's own held-out split.
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def main() -> None:
     parser.add_argument("--mix", default=None, help="batch shares, e.g. tools=0.5,answers=0.03,demos=0.12,distill=0.35")
     parser.add_argument("--no-compile", action="store_true", help="time the eager path only (saves the compile)")
     parser.add_argument("--embedding-noise", type=float, default=0.0, help="NEFTune alpha while training (0: off)")
+    parser.add_argument(
+        "--order-seed", type=int, default=None, help="training's own seed (draw order, LoRA init), the split's kept"
+    )
     args = parser.parse_args()
     name = args.name or args.profile
     if args.embedding_noise:
@@ -85,6 +90,22 @@ def main() -> None:
             embedding_noise: float = args.embedding_noise
 
         baking.pipeline.TrainConfig = NoisyTrainConfig  # type: ignore[misc]
+    if args.order_seed is not None:
+        # Benchmark-only: training.seed seeds the held-out split too, so this is the one way to
+        # bake a tree twice on the same split and see how far the training order alone moves it.
+        import dataclasses
+
+        import baking.pipeline
+
+        base_config = baking.pipeline.TrainConfig
+
+        @dataclasses.dataclass(frozen=True)
+        class ReorderedTrainConfig(base_config):  # type: ignore[valid-type,misc]
+            def __post_init__(self) -> None:
+                super().__post_init__()
+                object.__setattr__(self, "seed", args.order_seed)
+
+        baking.pipeline.TrainConfig = ReorderedTrainConfig  # type: ignore[misc]
     if args.mix:
         # A benchmark-only override: the job spec does not expose the mix to users.
         from baking.train import TrainConfig
