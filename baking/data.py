@@ -348,10 +348,6 @@ def arithmetic_variants(
 # A number as people write it in a question: optional sign, thousands separators, decimals. Not
 # part of a word ("CO2", "E85") and not a continuation of another number.
 _QUERY_NUMBER = re.compile(r"(?<![\w.,])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d,]\d)")
-# A number that is the denominator of a rate unit ("L/100 km", "per 1000 km"): the unit, not a
-# quantity the user states. Redrawn, it taught "L/77 km" and turned the "* 100" of a percentage
-# into "* 55" ("Consumption dropped from 8.2 to 6.7 L/55 km ... Percentage change?").
-_UNIT_DENOMINATOR = re.compile(r"(?:/|\bper )\s*$", re.IGNORECASE)
 # A numeric literal inside an arithmetic expression (the sign is an operator there).
 _EXPRESSION_NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?![\w.])")
 
@@ -394,7 +390,6 @@ def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
 
     A number in the query is *linked* when it appears exactly once in the query and exactly once
     among the literals of one argument (an expression-compared string, or a number parameter).
-    The denominator of a rate unit ("L/100 km") is part of the unit and never linked.
     Linked numbers are redrawn in both places; everything else — constants such as 1.609344 that
     the call adds, numbers the call does not copy — stays, so every variant is still a correct
     call. This teaches copying the user's numbers and the constant a phrasing implies, which the
@@ -408,7 +403,7 @@ def numeric_variants(case: ToolCase, tool: ToolSpec, rng: random.Random, count: 
     links: list[tuple[re.Match[str], str, re.Match[str] | None]] = []  # (query number, argument, literal)
     for m in query_numbers:
         value = _number_value(m.group())
-        if counts[value] != 1 or _UNIT_DENOMINATOR.search(case.query[: m.start()]):
+        if counts[value] != 1:
             continue
         for name, arg in case.arguments.items():
             if isinstance(arg, str) and tool.argument_match.get(name) == "expression":
